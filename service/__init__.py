@@ -1,0 +1,1 @@
+"""knowpatch domain: configuration, the editing engine, the ledger and the queue."""

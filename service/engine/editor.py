@@ -1,0 +1,266 @@
+"""The editor: one object per worker that owns a model's editing state.
+
+It computes a batch's rank-one factors without touching the served weights, then commits
+them by recomposing the edited weights from W0 and swapping them in under the write lock.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from service.concurrency import ReadWriteLock
+from service.engine import solve
+from service.engine.compute_z import compute_targets
+from service.engine.corpus import Corpus
+from service.engine.factors import EditFactors, FactorStore, LayerFactor
+from service.engine.keys import key_rows, keys_and_outputs
+from service.engine.projector import NullSpace, null_space
+from service.engine.scoring import Score, continuation_row, score_rows
+from service.engine.stats import cached_second_moments
+from service.engine.templates import context_templates
+from service.engine.trace import LayerTrace, Pending
+from service.engine.types import EditRequest, HyperParams, Method, RequestMetrics
+from service.engine.validation import validate_request
+from service.errors import Conflict, EditFailed
+from service.model.adapters import ModelAdapter, default_layers
+from service.model.loading import LoadedModel
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BatchUpdate:
+    """A computed, not yet committed batch: per-request factors plus what the ledger records."""
+
+    edits: list[EditFactors]
+    update_norms: list[dict[int, float]]  # per request: ||r a ᵀ|| per layer
+    pending: Pending  # per layer (A, R), for measuring before commit
+    steps: list[int]
+    target_nll: list[float]
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class Editor:
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        hparams: HyperParams,
+        second_moments: dict[int, torch.Tensor],
+        method: Method = "alphaedit",
+        templates: list[str] | None = None,
+    ) -> None:
+        self.loaded = loaded
+        self.model, self.tokenizer = loaded.model, loaded.tokenizer
+        self.adapter = ModelAdapter(loaded.model)
+        layers = list(hparams.layers) or default_layers(self.adapter.num_layers)
+        self.hparams = hparams.with_overrides(layers=layers)
+        self.layers = layers
+        self.method = method
+        self.second_moments = {layer: second_moments[layer] for layer in layers}
+        self.null_spaces: dict[int, NullSpace] = {
+            layer: null_space(second_moments[layer], hparams.nullspace_threshold, hparams.nullspace_energy)
+            for layer in layers
+        }
+        self._check_null_spaces()
+        self.trace = LayerTrace(self.adapter, layers)
+        bases = {layer: ns.basis if method == "alphaedit" else None for layer, ns in self.null_spaces.items()}
+        self.store = FactorStore({layer: self.adapter.weight(layer) for layer in layers}, bases)
+        self.templates = templates or context_templates(
+            self.model, self.tokenizer, hparams.context_seed, hparams.context_template_len
+        )
+        self.lock = ReadWriteLock()
+        self.version = 0
+
+    @classmethod
+    def create(
+        cls, loaded: LoadedModel, hparams: HyperParams, corpus: Corpus, cache_dir: Path,
+        method: Method = "alphaedit", progress: bool = True,
+    ) -> "Editor":
+        """Collect (or load cached) key statistics over `corpus`, then build the editor."""
+        adapter = ModelAdapter(loaded.model)
+        layers = list(hparams.layers) or default_layers(adapter.num_layers)
+        trace = LayerTrace(adapter, layers)
+        try:
+            moments = cached_second_moments(
+                adapter, trace, loaded.tokenizer, corpus, layers, model_fingerprint=loaded.fingerprint,
+                cache_dir=cache_dir, budget=hparams.stats_tokens, seq_len=hparams.stats_seq_len,
+                batch_size=hparams.stats_batch_size, progress=progress,
+            )
+        finally:
+            trace.close()
+        return cls(loaded, hparams.with_overrides(layers=layers), moments, method)
+
+    def _check_null_spaces(self) -> None:
+        if self.method != "alphaedit":
+            return
+        for layer, ns in self.null_spaces.items():
+            log.info("layer %d: null space keeps %d of %d dimensions (%.1f%%)",
+                     layer, ns.kept, ns.eigenvalues.shape[0], 100 * ns.kept_fraction)
+            if ns.kept == 0:
+                raise EditFailed(
+                    f"layer {layer}: the null space is empty at threshold {self.hparams.nullspace_threshold}; "
+                    "raise nullspace_threshold or use nullspace_energy"
+                )
+
+    # ---- computing -------------------------------------------------------------------------
+
+    def compute(self, requests: Sequence[EditRequest], edit_ids: Sequence[str], batch_id: str) -> BatchUpdate:
+        """Factors for a batch, on the current weights; the served model is not touched."""
+        for request in requests:
+            validate_request(request)
+        timings: dict[str, float] = {}
+        start = time.perf_counter()
+        targets = compute_targets(self.adapter, self.tokenizer, requests, self.templates, self.hparams, self.layers[-1])
+        timings["targets_s"] = time.perf_counter() - start
+        start = time.perf_counter()
+        pending, keys = self._layer_updates(requests, targets.z)
+        timings["keys_solve_s"] = time.perf_counter() - start
+        edits = [
+            EditFactors(edit_id, batch_id, {
+                layer: LayerFactor(r=pending[layer][1][:, j].clone(), a=pending[layer][0][:, j].clone(),
+                                   k=keys[layer][:, j].clone())
+                for layer in self.layers
+            })
+            for j, edit_id in enumerate(edit_ids)
+        ]
+        norms = [{layer: float(f.r.norm() * f.a.norm()) for layer, f in e.layers.items()} for e in edits]
+        return BatchUpdate(edits, norms, pending, targets.steps, targets.nll, timings)
+
+    def _layer_updates(self, requests: Sequence[EditRequest], z: torch.Tensor) -> tuple[Pending, dict[int, torch.Tensor]]:
+        rows = key_rows(self.tokenizer, requests, self.templates)
+        n, last = len(requests), self.layers[-1]
+        pending: Pending = {}
+        for i, layer in enumerate(self.layers):
+            keys, outputs = keys_and_outputs(self.adapter, self.trace, rows, n, [layer], last, pending)
+            resid = solve.residuals(z, outputs, len(self.layers) - i)  # (d_out, n)
+            directions = self._directions(layer, keys[layer])  # (d_in, n)
+            self._check_update(layer, directions, resid)
+            pending[layer] = (directions.float(), resid.float())
+        final_keys, _ = keys_and_outputs(self.adapter, self.trace, rows, n, self.layers, last, pending)
+        return pending, final_keys
+
+    def _directions(self, layer: int, keys: torch.Tensor) -> torch.Tensor:
+        prior = self.store.prior(layer)
+        if self.method == "alphaedit":
+            return solve.alphaedit_directions(keys, self.null_spaces[layer].basis, prior, self.hparams.L2)
+        return solve.memit_directions(keys, self.second_moments[layer], prior, self.hparams.mom2_update_weight)
+
+    def _check_update(self, layer: int, directions: torch.Tensor, resid: torch.Tensor) -> None:
+        # ||R Aᵀ||_F² = trace((AᵀA)(RᵀR)): no need to build the dense update
+        norm = float(torch.sqrt(((directions.T @ directions) * (resid.T @ resid)).sum().clamp_min(0)))
+        base = float(self.store.base_weight(layer).norm())
+        if not (torch.isfinite(directions).all() and torch.isfinite(resid).all()):
+            raise EditFailed(f"layer {layer}: the update is not finite; the model is unchanged")
+        if norm > self.hparams.max_update_ratio * base:
+            raise EditFailed(
+                f"layer {layer}: update norm {norm:.3g} exceeds {self.hparams.max_update_ratio} x "
+                f"the weight norm {base:.3g}; the model is unchanged"
+            )
+
+    # ---- committing --------------------------------------------------------------------------
+
+    def commit(self, update: BatchUpdate, version: int) -> None:
+        """Make a computed batch live. On any failure the served weights stay as they were."""
+        duplicate = [e.edit_id for e in update.edits if e.edit_id in self.store]
+        if duplicate:
+            raise Conflict(f"edits already active in the model: {duplicate}")
+        self._swap(version, extra=update.edits)
+        self.store.add(update.edits)
+
+    def revert(self, edit_id: str, version: int) -> EditFactors:
+        if edit_id not in self.store:
+            raise Conflict(f"edit {edit_id} is not active in the model")
+        self._swap(version, exclude=[edit_id])
+        return self.store.remove(edit_id)
+
+    def load(self, edits: Sequence[EditFactors], version: int) -> None:
+        """Replay active edits (ledger order) onto a fresh editor, batch by batch."""
+        batch: list[EditFactors] = []
+        for edit in edits:
+            if batch and edit.batch_id != batch[-1].batch_id:
+                self.store.add(batch)
+                batch = []
+            batch.append(edit)
+        if batch:
+            self.store.add(batch)
+        self._swap(version)
+
+    def _swap(self, version: int, extra: Sequence[EditFactors] = (), exclude: Sequence[str] = ()) -> None:
+        composed = {layer: self.store.composed(layer, extra, exclude) for layer in self.layers}
+        for layer, weight in composed.items():
+            if not torch.isfinite(weight).all():
+                raise EditFailed(f"layer {layer}: recomposed weight is not finite; the model is unchanged")
+        with self.lock.write():
+            for layer, weight in composed.items():
+                self.adapter.set_weight(layer, weight)
+            self.version = version
+
+    # ---- reading -----------------------------------------------------------------------------
+
+    @contextmanager
+    def reading(self) -> Iterator[int]:
+        """Hold the model still (no swap) and yield the version being served."""
+        with self.lock.read():
+            yield self.version
+
+    def weights_digest(self) -> str:
+        h = hashlib.sha256()
+        for layer in self.layers:
+            data = self.adapter.edited_module(layer).weight.detach().contiguous().cpu()
+            h.update(data.view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()
+
+    def measure(self, requests: Sequence[EditRequest], pending: Pending | None = None) -> list[RequestMetrics]:
+        """Probabilities of target_new / target_true on each request's prompts."""
+        plan: list[tuple[int, str, int, str]] = []  # (request, section, prompt index, which target)
+        rows = []
+        for j, req in enumerate(requests):
+            sections = [("prompt", [req.template.replace("{}", req.subject, 1)]),
+                        ("rephrase", [p.replace("{}", req.subject, 1) for p in req.rephrase_prompts]),
+                        ("locality", list(req.locality_prompts))]
+            targets = [("target_new", req.target_new)] + ([("target_true", req.target_true)] if req.target_true else [])
+            for section, prompts in sections:
+                for i, prompt in enumerate(prompts):
+                    for name, target in targets:
+                        plan.append((j, section, i, name))
+                        rows.append(continuation_row(self.tokenizer, prompt, target))
+        scores = score_rows(self.adapter, self.trace, rows, self.tokenizer.pad_token_id, pending)
+        return _metrics_from(requests, plan, scores)
+
+    def score(self, prompt: str, candidates: Sequence[str]) -> list[Score]:
+        rows = [continuation_row(self.tokenizer, prompt, c) for c in candidates]
+        return score_rows(self.adapter, None, rows, self.tokenizer.pad_token_id)
+
+    def info(self) -> dict:
+        return {
+            "method": self.method,
+            "layers": self.layers,
+            "null_space_dims": {layer: ns.kept for layer, ns in self.null_spaces.items()},
+            "null_space_fraction": {layer: round(ns.kept_fraction, 4) for layer, ns in self.null_spaces.items()},
+            "active_edits": len(self.store),
+            "hparams": self.hparams.to_dict(),
+        }
+
+    def close(self) -> None:
+        self.trace.close()
+
+
+def _metrics_from(requests: Sequence[EditRequest], plan: list, scores: list[Score]) -> list[RequestMetrics]:
+    metrics = [RequestMetrics() for _ in requests]
+    for (j, section, i, name), score in zip(plan, scores):
+        probability = float(torch.tensor(score.mean_logprob).exp())
+        if section == "prompt":
+            metrics[j].prompt[name] = probability
+        else:
+            entries = getattr(metrics[j], section)
+            while len(entries) <= i:
+                entries.append({})
+            entries[i][name] = probability
+    return metrics

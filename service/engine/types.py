@@ -1,0 +1,112 @@
+"""Plain data of the engine: requests, hyper-parameters. No torch here (the API imports it)."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields, replace
+from importlib import resources
+from typing import Any, Literal
+
+Method = Literal["alphaedit", "memit"]
+
+
+@dataclass(frozen=True)
+class EditRequest:
+    subject: str
+    prompt: str  # contains the subject verbatim or exactly one "{}"
+    target_new: str
+    target_true: str | None = None
+    rephrase_prompts: tuple[str, ...] = ()
+    locality_prompts: tuple[str, ...] = ()
+
+    @property
+    def template(self) -> str:
+        """The prompt with "{}" where the subject goes."""
+        if "{}" in self.prompt:
+            return self.prompt
+        return self.prompt.replace(self.subject, "{}", 1)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "EditRequest":
+        return cls(
+            subject=data["subject"],
+            prompt=data["prompt"],
+            target_new=data["target_new"],
+            target_true=data.get("target_true"),
+            rephrase_prompts=tuple(data.get("rephrase_prompts") or ()),
+            locality_prompts=tuple(data.get("locality_prompts") or ()),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["rephrase_prompts"] = list(self.rephrase_prompts)
+        data["locality_prompts"] = list(self.locality_prompts)
+        return data
+
+
+@dataclass(frozen=True)
+class HyperParams:
+    layers: tuple[int, ...] = ()  # empty: the adapter's default band for the model's depth
+    v_num_grad_steps: int = 25
+    v_lr: float = 0.5
+    v_weight_decay: float = 0.5
+    clamp_norm_factor: float = 0.75
+    kl_factor: float = 0.0625
+    v_stop_loss: float = 5e-2  # the reference's early stop on the total loss
+    v_stop_nll: float | None = None  # ours: stop a request once its mean target NLL is below this
+    nullspace_threshold: float = 2e-2  # absolute eigenvalue threshold of the paper
+    nullspace_energy: float | None = None  # optional relative criterion (share of trace left out)
+    L2: float = 10.0
+    mom2_update_weight: float = 15000.0  # MEMIT's lambda on C0
+    stats_tokens: int = 100_000
+    stats_seq_len: int = 256
+    stats_batch_size: int = 8
+    context_template_len: int = 10
+    context_seed: int = 0
+    max_update_ratio: float = 1.0  # refuse an update whose norm exceeds this share of ||W0||
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "HyperParams":
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known - {"match", "comment", "evidence"}
+        if unknown:
+            raise ValueError(f"unknown hyper-parameters: {sorted(unknown)}")
+        values = {k: v for k, v in data.items() if k in known}
+        if "layers" in values:
+            values["layers"] = tuple(values["layers"])
+        return cls(**values)
+
+    def with_overrides(self, **overrides: Any) -> "HyperParams":
+        clean = {k: v for k, v in overrides.items() if v is not None}
+        if "layers" in clean:
+            clean["layers"] = tuple(clean["layers"])
+        return replace(self, **clean)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["layers"] = list(self.layers)
+        return data
+
+
+def load_hparams(model_name: str) -> HyperParams:
+    """The shipped set whose `match` list names the model, else the default set."""
+    folder = resources.files("service.engine") / "hparams"
+    key = model_name.lower().rstrip("/").rsplit("/", 1)[-1]
+    for entry in sorted(folder.iterdir(), key=lambda e: e.name):
+        if not entry.name.endswith(".json") or entry.name == "default.json":
+            continue
+        data = json.loads(entry.read_text())
+        if key in [m.lower() for m in data.get("match", [])]:
+            return HyperParams.from_dict(data)
+    return HyperParams.from_dict(json.loads((folder / "default.json").read_text()))
+
+
+@dataclass
+class RequestMetrics:
+    """Probabilities of target_new / target_true (mean per-token, as probabilities)."""
+
+    prompt: dict[str, float] = field(default_factory=dict)
+    rephrase: list[dict[str, float]] = field(default_factory=list)
+    locality: list[dict[str, float]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

@@ -1,0 +1,48 @@
+"""Checks on edit requests, shared by the API (before anything is written) and the engine."""
+from __future__ import annotations
+
+from service.engine.types import EditRequest
+from service.errors import InvalidRequest
+
+MAX_SUBJECT_CHARS = 200
+MAX_PROMPT_CHARS = 1000
+MAX_TARGET_CHARS = 200
+MAX_EXTRA_PROMPTS = 16
+
+
+def _check_text(name: str, value: object, limit: int) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise InvalidRequest(f"{name} must be a non-empty string")
+    if len(value) > limit:
+        raise InvalidRequest(f"{name} is {len(value)} characters; the limit is {limit}")
+    return value
+
+
+def _check_prompt_list(name: str, prompts: tuple[str, ...]) -> None:
+    if len(prompts) > MAX_EXTRA_PROMPTS:
+        raise InvalidRequest(f"{name} has {len(prompts)} prompts; the limit is {MAX_EXTRA_PROMPTS}")
+    for i, prompt in enumerate(prompts):
+        _check_text(f"{name}[{i}]", prompt, MAX_PROMPT_CHARS)
+
+
+def validate_request(request: EditRequest) -> EditRequest:
+    """Raise InvalidRequest with an actionable message, or return the request unchanged."""
+    subject = _check_text("subject", request.subject, MAX_SUBJECT_CHARS)
+    prompt = _check_text("prompt", request.prompt, MAX_PROMPT_CHARS)
+    braces = prompt.count("{}")
+    if braces > 1:
+        raise InvalidRequest("prompt must contain at most one '{}' placeholder for the subject")
+    if braces == 0 and subject not in prompt:
+        raise InvalidRequest(
+            f"prompt must contain the subject {subject!r} verbatim or one '{{}}' placeholder"
+        )
+    if request.template.replace("{}", "").strip() == "":
+        raise InvalidRequest("prompt must contain text besides the subject")
+    target_new = _check_text("target_new", request.target_new, MAX_TARGET_CHARS)
+    if request.target_true is not None:
+        target_true = _check_text("target_true", request.target_true, MAX_TARGET_CHARS)
+        if target_true.strip() == target_new.strip():
+            raise InvalidRequest("target_new must differ from target_true")
+    _check_prompt_list("rephrase_prompts", request.rephrase_prompts)
+    _check_prompt_list("locality_prompts", request.locality_prompts)
+    return request
