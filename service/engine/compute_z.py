@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedTokenizerBase
 
+from service.engine.prefix_cache import SuffixBatch, split_at_lookup
 from service.engine.prompts import KL_TEMPLATE, Row, contextual, encode_with_subject, pad_rows, teacher_forced_row
 from service.engine.types import EditRequest, HyperParams
 from service.model.adapters import ModelAdapter
@@ -50,7 +51,6 @@ class _Gather:
     """Index tensors for the rows of the still-active requests."""
 
     rows: torch.Tensor  # (B_active,) rows of the full batch
-    lookup: torch.Tensor  # (B_active,)
     owner: torch.Tensor  # (B_active,) request of each row
     tok_row: torch.Tensor  # (N_tok,) local row of each target token
     tok_pos: torch.Tensor  # (N_tok,)
@@ -72,14 +72,14 @@ def _gather(rows: list[Row], is_kl: list[bool], active: list[int], device: torch
             kl_owner.append(row.request)
             continue
         weight = 1.0 / (len(row.targets) * per_request[row.request])
-        for pos, tid in zip(row.target_positions, row.targets):
-            tok_row.append(local), tok_pos.append(pos), tok_id.append(tid), tok_w.append(weight)
+        for pos, tid in zip(row.target_positions, row.targets):  # suffix index = position - lookup
+            tok_row.append(local), tok_pos.append(pos - row.lookup), tok_id.append(tid), tok_w.append(weight)
 
     def t(values: list, dtype: torch.dtype = torch.long) -> torch.Tensor:
         return torch.tensor(values, dtype=dtype, device=device)
 
     return _Gather(
-        rows=t(chosen), lookup=t([rows[i].lookup for i in chosen]), owner=t([rows[i].request for i in chosen]),
+        rows=t(chosen), owner=t([rows[i].request for i in chosen]),
         tok_row=t(tok_row), tok_pos=t(tok_pos), tok_id=t(tok_id), tok_weight=t(tok_w, torch.float32),
         kl_local=t(kl_local), kl_owner=t(kl_owner),
     )
@@ -104,33 +104,35 @@ def compute_targets(
     n = len(requests)
     first_row = [next(i for i, r in enumerate(rows) if r.request == j) for j in range(n)]
     h0 = hidden[first_row, [rows[i].lookup for i in first_row]].float()  # (n, H)
-    return _optimise(adapter, hparams, rows, is_kl, hidden, mask, h0, layer)
+    tail = adapter.slice(layer + 1, adapter.num_layers)
+    lookups = torch.tensor([r.lookup for r in rows], device=device)
+    suffix = split_at_lookup(tail, hidden, mask.sum(dim=1), lookups)
+    return _optimise(adapter, tail, hparams, rows, is_kl, suffix, h0)
 
 
 def _optimise(
-    adapter: ModelAdapter, hparams: HyperParams, rows: list[Row], is_kl: list[bool],
-    hidden: torch.Tensor, mask: torch.Tensor, h0: torch.Tensor, layer: int,
+    adapter: ModelAdapter, tail: torch.nn.Module, hparams: HyperParams, rows: list[Row], is_kl: list[bool],
+    suffix: SuffixBatch, h0: torch.Tensor,
 ) -> Targets:
     n = h0.shape[0]
-    tail = adapter.slice(layer + 1, adapter.num_layers)
     delta = torch.zeros_like(h0, requires_grad=True)
     optimizer = torch.optim.Adam([delta], lr=hparams.v_lr)
     max_norm = hparams.clamp_norm_factor * h0.norm(dim=1)  # (n,)
     kl_init = torch.zeros(n, adapter.head.weight.shape[0], device=h0.device)
     final = torch.zeros_like(h0)
     steps, nll_final = [0] * n, [float("nan")] * n
-    active = list(range(n))
+    active, selected_for = list(range(n)), []
     for step in range(hparams.v_num_grad_steps):
-        g = _gather(rows, is_kl, active, h0.device)
-        x = hidden[g.rows].index_put((torch.arange(len(g.rows), device=h0.device), g.lookup),
-                                     delta[g.owner].to(hidden.dtype), accumulate=True)
-        out = tail(inputs_embeds=x, attention_mask=mask[g.rows]).last_hidden_state
+        if active != selected_for:  # the batch shrinks as requests converge
+            g = _gather(rows, is_kl, active, h0.device)
+            batch, selected_for = suffix.select(g.rows), list(active)
+        out = _run_suffix(tail, batch, delta[g.owner])
         nll, kl = _losses(adapter, out, g, n, kl_init, first_step=step == 0)
         decay = hparams.v_weight_decay * delta.norm(dim=1) / h0.norm(dim=1) ** 2
         loss = nll + hparams.kl_factor * kl + decay  # (n,): rows of inactive requests are 0
         done = _converged(hparams, loss, nll, active, last=step == hparams.v_num_grad_steps - 1)
         for j in active:
-            steps[j], nll_final[j] = step + 1, float(nll[j])
+            steps[j], nll_final[j] = step + 1, float(nll[j].detach())
         for j in done:
             final[j] = delta[j].detach()
         active = [j for j in active if j not in done]
@@ -145,6 +147,15 @@ def _optimise(
     return Targets(z=h0 + final, h0=h0, steps=steps, nll=nll_final)
 
 
+def _run_suffix(tail: torch.nn.Module, batch: SuffixBatch, delta_rows: torch.Tensor) -> torch.Tensor:
+    """The blocks after the edited layer on the suffixes, delta added at each lookup (index 0)."""
+    first = batch.hidden[:, :1] + delta_rows[:, None].to(batch.hidden.dtype)
+    x = torch.cat([first, batch.hidden[:, 1:]], dim=1)  # (B, S, H)
+    out = tail(inputs_embeds=x, attention_mask=batch.mask, position_ids=batch.positions,
+               cache=batch.cache, use_cache=batch.cache is not None)
+    return out.last_hidden_state
+
+
 def _losses(
     adapter: ModelAdapter, out: torch.Tensor, g: _Gather, n: int, kl_init: torch.Tensor, first_step: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -153,7 +164,7 @@ def _losses(
     token_nll = -logp.gather(1, g.tok_id[:, None])[:, 0] * g.tok_weight
     owner_of_token = g.owner[g.tok_row]
     nll = torch.zeros(n, device=out.device).index_add(0, owner_of_token, token_nll)
-    kl_logp = torch.log_softmax(adapter.logits_at(out[g.kl_local, g.lookup[g.kl_local]]).float(), dim=-1)
+    kl_logp = torch.log_softmax(adapter.logits_at(out[g.kl_local, 0]).float(), dim=-1)
     if first_step:
         kl_init[g.kl_owner] = kl_logp.detach()
     kl_each = F.kl_div(kl_init[g.kl_owner], kl_logp, log_target=True, reduction="none").sum(-1)
@@ -164,9 +175,9 @@ def _losses(
 def _converged(hparams: HyperParams, loss: torch.Tensor, nll: torch.Tensor, active: list[int], last: bool) -> set[int]:
     if last:
         return set(active)
-    done = {j for j in active if float(loss[j]) < hparams.v_stop_loss}
+    done = {j for j in active if float(loss[j].detach()) < hparams.v_stop_loss}
     if hparams.v_stop_nll is not None:
-        done |= {j for j in active if float(nll[j]) < hparams.v_stop_nll}
+        done |= {j for j in active if float(nll[j].detach()) < hparams.v_stop_nll}
     return done
 
 

@@ -47,7 +47,7 @@ class ActiveEdit:
 
     edit_id: str
     seq: int
-    batch_id: str | None
+    batch_id: str  # edits applied in one batch share it; the worker replays batch by batch
     factors: list[StoredFactor] = field(default_factory=list)
 
 
@@ -103,12 +103,16 @@ def _locked_edit(session: Session, edit_id: str) -> Edit:
     return _load_edit(session, edit_id, lock=True)
 
 
-def _require_pending(op: Operation, action: str) -> None:
+def _require_pending(op: Operation, action: str, *, claimed: bool = False) -> None:
+    """Conflict unless op is unfinished (and, with claimed, taken by mark_applying)."""
     if op.status not in PENDING:
         raise Conflict(
             f"cannot {action} operation {op.seq} ({op.kind} of edit {op.edit_id}): it is already {op.status}"
             + (" (a duplicate delivery; skip it)" if op.status == "done" else "")
         )
+    if claimed and op.status != "applying":
+        # The batch id recorded by mark_applying is part of the replay (C_p is summed batch by batch).
+        raise Conflict(f"cannot {action} operation {op.seq}: it is still queued; claim it with mark_applying first")
 
 
 def _request_hash(requests: list[dict[str, Any]], subjects: list[str], method: str) -> str:
@@ -366,7 +370,7 @@ def record_applied(session: Session, op: Operation, *, factors: list[StoredFacto
     op = _locked_op(session, op)
     if op.kind != "apply":
         raise InvalidRequest(f"operation {op.seq} is a {op.kind}; record it with record_rolled_back")
-    _require_pending(op, "record as applied")
+    _require_pending(op, "record as applied", claimed=True)
     if not factors:
         raise InvalidRequest(f"operation {op.seq}: an applied edit needs its factors (none given)")
     if len({f.layer for f in factors}) != len(factors):
@@ -416,7 +420,7 @@ def record_rolled_back(session: Session, op: Operation, *, weights_digest: str, 
     op = _locked_op(session, op)
     if op.kind != "rollback":
         raise InvalidRequest(f"operation {op.seq} is an {op.kind}; record it with record_applied")
-    _require_pending(op, "record as rolled back")
+    _require_pending(op, "record as rolled back", claimed=True)
     edit = _locked_edit(session, op.edit_id)
     if edit.status != "applied":
         raise Conflict(f"edit {edit.id} is {edit.status}, not applied: its rollback (operation {op.seq}) cannot be recorded")
@@ -454,8 +458,13 @@ def active_edits(session: Session) -> list[ActiveEdit]:
         select(Edit.id, Edit.seq, Edit.batch_id).where(Edit.status == "applied").order_by(Edit.seq)
     ).all()
     factors = _factors_by_edit(session, None)
-    return [ActiveEdit(edit_id=e.id, seq=int(e.seq), batch_id=e.batch_id,
-                       factors=[_stored(r) for r in factors.get(e.id, [])]) for e in edits]
+    active = []
+    for e in edits:
+        if e.batch_id is None or not factors.get(e.id):
+            raise LedgerCorrupt(f"ledger corrupt at seq {e.seq}: applied edit {e.id} has no batch id or no factors")
+        active.append(ActiveEdit(edit_id=e.id, seq=int(e.seq), batch_id=e.batch_id,
+                                 factors=[_stored(r) for r in factors[e.id]]))
+    return active
 
 
 def _last_done(session: Session) -> Operation | None:

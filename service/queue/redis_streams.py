@@ -36,7 +36,11 @@ def _safe_url(url: str) -> str:
 
 class RedisStreamQueue:
     """OperationQueue on a Redis stream. One instance per consumer; `consumer` must be stable
-    across restarts of the same worker, so that it gets its own unacknowledged messages back."""
+    across restarts of the same worker, so that it gets its own unacknowledged messages back.
+    `client`, if given, must use decode_responses=True.
+
+    Meant for one worker: messages idle longer than claim_idle_ms are taken over from whichever
+    consumer holds them, on the assumption that it died."""
 
     def __init__(self, url: str, stream: str, group: str, consumer: str, *, claim_idle_ms: int = 60_000,
                  client: redis.Redis | None = None) -> None:

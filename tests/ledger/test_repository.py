@@ -315,8 +315,13 @@ def test_crashed_applying_ops_come_back_first(db: sessionmaker[Session]) -> None
         assert [e.event for e in repo.edit_events(s, a)] == ["queued", "applying", "applying", "applied"]
 
 
-def test_record_twice_is_refused(db: sessionmaker[Session]) -> None:
+def test_record_requires_a_claimed_op_and_happens_once(db: sessionmaker[Session]) -> None:
     create(db, "A")
+    with pytest.raises(Conflict, match="mark_applying"):
+        with db.begin() as s:
+            [op] = repo.next_operations(s, 8)
+            repo.record_applied(s, op, factors=factors_for(1), metrics_before=None, metrics_after=None,
+                                update_norms={}, layers=[], weights_digest="x", model_version=op.seq)
     [(_, seq)] = work_once(db)
     with pytest.raises(Conflict, match="already done"):
         with db.begin() as s:

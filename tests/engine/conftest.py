@@ -1,0 +1,46 @@
+"""Fixtures of the engine tests: the real SmolLM2 (loaded once) and tiny random models."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import (
+    AutoConfig, AutoModelForCausalLM, GPT2Config, GPTJConfig, GPTNeoXConfig, LlamaConfig, MistralConfig,
+    Qwen2Config, Qwen3Config,
+)
+
+from service.model.loading import LoadedModel, load_model, weights_fingerprint
+
+DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
+WIKITEXT = DATA / "corpus" / "wikitext2_raw_test.txt"
+CACHE_DIR = Path.home() / ".cache" / "knowpatch"
+
+_DECODER = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4)
+TINY_CONFIGS = {
+    "llama": lambda v: LlamaConfig(vocab_size=v, num_key_value_heads=2, **_DECODER),
+    "mistral": lambda v: MistralConfig(vocab_size=v, num_key_value_heads=2, **_DECODER),
+    "qwen2": lambda v: Qwen2Config(vocab_size=v, num_key_value_heads=2, **_DECODER),
+    "qwen3": lambda v: Qwen3Config(vocab_size=v, num_key_value_heads=2, head_dim=16, **_DECODER),
+    "gpt2": lambda v: GPT2Config(vocab_size=v, n_embd=64, n_layer=6, n_head=4, n_inner=128, n_positions=512),
+    "gptj": lambda v: GPTJConfig(vocab_size=v, n_embd=64, n_layer=6, n_head=4, n_inner=128, rotary_dim=8, n_positions=512),
+    "gpt_neox": lambda v: GPTNeoXConfig(vocab_size=v, **_DECODER, max_position_embeddings=512),
+}
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> LoadedModel:
+    return load_model("smollm2", cache_dir=CACHE_DIR)
+
+
+def tiny_model(model_type: str, tokenizer) -> LoadedModel:
+    torch.manual_seed(0)
+    config = TINY_CONFIGS[model_type](len(tokenizer))
+    config.pad_token_id = tokenizer.pad_token_id
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager" if model_type == "gptj" else None)
+    with torch.no_grad():  # random init is too flat for editing to be meaningful: sharpen the head
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(4.0)
+    model.eval().requires_grad_(False)
+    return LoadedModel(model, tokenizer, f"tiny-{model_type}", weights_fingerprint(model, f"tiny-{model_type}"))

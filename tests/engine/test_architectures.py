@@ -1,0 +1,121 @@
+"""Every supported architecture, on a tiny random model: shapes, exact revert, null-space property."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from service.engine.compute_z import _run_suffix, build_rows
+from service.engine.corpus import TextCorpus, packed_batches
+from service.engine.editor import Editor
+from service.engine.prefix_cache import split_at_lookup
+from service.engine.prompts import pad_rows
+from service.engine.stats import collect_second_moments
+from service.engine.trace import LayerTrace
+from service.engine.types import EditRequest, HyperParams
+from service.errors import UnsupportedArchitecture
+from service.model.adapters import ModelAdapter, architecture_for
+
+from .conftest import TINY_CONFIGS, WIKITEXT, tiny_model
+
+REQUESTS = [
+    EditRequest("Danielle Darrieux", "The mother tongue of {} is", "English", "French"),
+    EditRequest("Eiffel Tower", "The Eiffel Tower is located in", "Rome", "Paris"),
+    EditRequest("Lionel Messi", "Lionel Messi plays the sport of", "tennis", "football"),
+]
+HP = HyperParams(layers=(1, 2, 3), v_num_grad_steps=5, stats_tokens=3000, stats_seq_len=64, nullspace_energy=0.01)
+
+
+@pytest.fixture(scope="module", params=sorted(TINY_CONFIGS))
+def tiny(request, smollm2):
+    return tiny_model(request.param, smollm2.tokenizer)
+
+
+def _moments(loaded, hparams):
+    adapter = ModelAdapter(loaded.model)
+    trace = LayerTrace(adapter, hparams.layers)
+    try:
+        return collect_second_moments(adapter, trace, loaded.tokenizer, TextCorpus(WIKITEXT), hparams.layers,
+                                      hparams.stats_tokens, hparams.stats_seq_len, progress=False)
+    finally:
+        trace.close()
+
+
+@pytest.fixture(scope="module")
+def editors(tiny):
+    moments = _moments(tiny, HP)
+    built = {m: Editor(tiny, HP, moments, method=m) for m in ("alphaedit", "memit")}
+    yield built
+    for editor in built.values():
+        editor.close()
+
+
+def _corpus_keys(editor: Editor, layer: int) -> torch.Tensor:
+    """Keys (d_in, N) of corpus tokens: the knowledge the projector was built to preserve."""
+    ids = next(packed_batches(TextCorpus(WIKITEXT).documents(editor.tokenizer), 64, 4, 256, None))
+    with editor.trace.tracing(capture=[layer]) as captured:
+        editor.adapter.slice(0, layer + 1)(input_ids=ids)
+    return captured[layer].reshape(-1, captured[layer].shape[-1]).T.double()
+
+
+def test_unknown_architecture_names_the_supported_ones():
+    with pytest.raises(UnsupportedArchitecture, match="gpt2.*llama"):
+        architecture_for("t5")
+
+
+def test_split_suffix_forward_matches_the_full_model(tiny):
+    """The cached-prefix path of compute_z gives the logits of a plain forward pass."""
+    adapter = ModelAdapter(tiny.model)
+    rewriting, kl = build_rows(tiny.tokenizer, REQUESTS, ["{}", "Some context. {}"])
+    rows = rewriting + kl
+    ids, mask = pad_rows(rows, tiny.tokenizer.pad_token_id, "cpu")
+    with torch.no_grad():
+        full = tiny.model(input_ids=ids, attention_mask=mask).logits
+        hidden = adapter.slice(0, 3)(input_ids=ids, attention_mask=mask).last_hidden_state
+        tail = adapter.slice(3, adapter.num_layers)
+        suffix = split_at_lookup(tail, hidden, mask.sum(1), torch.tensor([r.lookup for r in rows]))
+        out = _run_suffix(tail, suffix, torch.zeros(len(rows), hidden.shape[-1]))
+    for i, row in enumerate(rows):
+        positions = list(row.target_positions) or [row.lookup]
+        split_logits = adapter.logits_at(out[i, [p - row.lookup for p in positions]])
+        torch.testing.assert_close(split_logits, full[i, positions], atol=2e-4, rtol=1e-4)
+
+
+def test_factor_shapes_and_exact_revert(editors, tiny):
+    editor = editors["alphaedit"]
+    adapter = editor.adapter
+    base = {layer: adapter.edited_module(layer).weight.detach().clone() for layer in editor.layers}
+    update = editor.compute(REQUESTS[:2], ["a", "b"], "batch-1")
+    d_out, d_in = adapter.weight(1).shape
+    for edit in update.edits:
+        for layer, factor in edit.layers.items():
+            assert factor.r.shape == (d_out,) and factor.a.shape == (d_in,) and factor.k.shape == (d_in,)
+    editor.commit(update, version=1)
+    second = editor.compute(REQUESTS[2:], ["c"], "batch-2")
+    editor.commit(second, version=2)
+    assert any(not torch.equal(base[l], adapter.edited_module(l).weight) for l in editor.layers)
+    editor.revert("a", version=3)
+    fresh = Editor(tiny, HP, editor.second_moments, method="alphaedit", templates=editor.templates)
+    fresh.load([e for e in update.edits + second.edits if e.edit_id != "a"], version=3)
+    for layer in editor.layers:  # revert == recomposition from scratch, bit for bit
+        assert torch.equal(fresh.adapter.edited_module(layer).weight, adapter.edited_module(layer).weight)
+        assert torch.equal(fresh.store.prior(layer), editor.store.prior(layer))
+    fresh.close()
+    editor.revert("b", version=4)
+    editor.revert("c", version=5)
+    for layer in editor.layers:
+        assert torch.equal(base[layer], adapter.edited_module(layer).weight)
+        assert not editor.store.prior(layer).any()
+
+
+def test_null_space_property(editors):
+    """For preserved keys K0: ||ΔW K0|| << ||ΔW|| ||K0|| with AlphaEdit, not with MEMIT."""
+    ratios = {}
+    for method, editor in editors.items():
+        update = editor.compute(REQUESTS, ["x", "y", "z"], "b")
+        layer = editor.layers[0]
+        a, r = update.pending[layer]
+        delta_w = (r.double() @ a.double().T)  # (d_out, d_in)
+        keys = _corpus_keys(editor, layer)
+        ratios[method] = float((delta_w @ keys).norm() / (delta_w.norm() * keys.norm()))
+    assert ratios["alphaedit"] < 0.02, ratios
+    assert ratios["memit"] > 5 * ratios["alphaedit"], ratios
