@@ -12,16 +12,17 @@ from service.errors import UnsupportedArchitecture
 
 @dataclass(frozen=True)
 class Architecture:
+    """Where things are; the output head comes from `get_output_embeddings()`."""
+
     base: str  # attribute of the *ForCausalLM holding the decoder stack
     layers: str  # attribute of `base`: the ModuleList of blocks
     final_norm: str  # attribute of `base`
-    head: str  # attribute of the *ForCausalLM: hidden -> logits
     edited_module: str  # path inside a block: the MLP output projection
     position_embedding: str | None  # attribute of `base` added to inputs_embeds (absolute positions)
     transposed: bool  # weight stored (d_in, d_out), as GPT-2's Conv1D does
 
 
-_LLAMA = Architecture("model", "layers", "norm", "lm_head", "mlp.down_proj", None, False)
+_LLAMA = Architecture("model", "layers", "norm", "mlp.down_proj", None, False)
 
 ARCHITECTURES: dict[str, Architecture] = {
     "llama": _LLAMA,
@@ -29,9 +30,9 @@ ARCHITECTURES: dict[str, Architecture] = {
     "qwen2": _LLAMA,
     "qwen3": _LLAMA,
     "smollm3": _LLAMA,
-    "gpt2": Architecture("transformer", "h", "ln_f", "lm_head", "mlp.c_proj", "wpe", True),
-    "gptj": Architecture("transformer", "h", "ln_f", "lm_head", "mlp.fc_out", None, False),
-    "gpt_neox": Architecture("gpt_neox", "layers", "final_layer_norm", "embed_out", "mlp.dense_4h_to_h", None, False),
+    "gpt2": Architecture("transformer", "h", "ln_f", "mlp.c_proj", "wpe", True),
+    "gptj": Architecture("transformer", "h", "ln_f", "mlp.fc_out", None, False),
+    "gpt_neox": Architecture("gpt_neox", "layers", "final_layer_norm", "mlp.dense_4h_to_h", None, False),
 }
 
 
@@ -72,7 +73,7 @@ class ModelAdapter:
         self.arch = architecture_for(model.config.model_type)
         self.base: nn.Module = getattr(model, self.arch.base)
         self.blocks: nn.ModuleList = getattr(self.base, self.arch.layers)
-        self.head: nn.Module = getattr(model, self.arch.head)
+        self.head: nn.Module = model.get_output_embeddings()
 
     @property
     def num_layers(self) -> int:

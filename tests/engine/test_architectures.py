@@ -22,7 +22,9 @@ REQUESTS = [
     EditRequest("Eiffel Tower", "The Eiffel Tower is located in", "Rome", "Paris"),
     EditRequest("Lionel Messi", "Lionel Messi plays the sport of", "tennis", "football"),
 ]
-HP = HyperParams(layers=(1, 2, 3), v_num_grad_steps=5, stats_tokens=3000, stats_seq_len=64, nullspace_energy=0.01)
+# 64 statistics tokens for 128 key dimensions: C0 is rank-deficient, so the keys it was built
+# from lie exactly outside the null space and the property is sharp even on a random model.
+HP = HyperParams(layers=(1, 2, 3), v_num_grad_steps=5, stats_tokens=64, stats_seq_len=64, nullspace_threshold=1e-9)
 
 
 @pytest.fixture(scope="module", params=sorted(TINY_CONFIGS))
@@ -42,8 +44,10 @@ def _moments(loaded, hparams):
 
 @pytest.fixture(scope="module")
 def editors(tiny):
-    moments = _moments(tiny, HP)
-    built = {m: Editor(tiny, HP, moments, method=m) for m in ("alphaedit", "memit")}
+    # MEMIT needs a full-rank C0 (its solve is (λ C0 + K Kᵀ) A = K): more statistics tokens.
+    memit_hp = HP.with_overrides(stats_tokens=2048)
+    built = {"alphaedit": Editor(tiny, HP, _moments(tiny, HP), method="alphaedit"),
+             "memit": Editor(tiny, memit_hp, _moments(tiny, memit_hp), method="memit")}
     yield built
     for editor in built.values():
         editor.close()
@@ -51,7 +55,8 @@ def editors(tiny):
 
 def _corpus_keys(editor: Editor, layer: int) -> torch.Tensor:
     """Keys (d_in, N) of corpus tokens: the knowledge the projector was built to preserve."""
-    ids = next(packed_batches(TextCorpus(WIKITEXT).documents(editor.tokenizer), 64, 4, 256, None))
+    documents = TextCorpus(WIKITEXT).documents(editor.tokenizer)
+    ids = next(packed_batches(documents, HP.stats_seq_len, 1, HP.stats_tokens, editor.tokenizer.eos_token_id))
     with editor.trace.tracing(capture=[layer]) as captured:
         editor.adapter.slice(0, layer + 1)(input_ids=ids)
     return captured[layer].reshape(-1, captured[layer].shape[-1]).T.double()
@@ -108,7 +113,10 @@ def test_factor_shapes_and_exact_revert(editors, tiny):
 
 
 def test_null_space_property(editors):
-    """For preserved keys K0: ||ΔW K0|| << ||ΔW|| ||K0|| with AlphaEdit, not with MEMIT."""
+    """For preserved keys K0: ||ΔW K0|| << ||ΔW|| ||K0|| with AlphaEdit, not with MEMIT.
+
+    ||ΔW||_2 is the operator norm, so the ratio is at most 1 and is the share of K0 the update sees.
+    """
     ratios = {}
     for method, editor in editors.items():
         update = editor.compute(REQUESTS, ["x", "y", "z"], "b")
@@ -116,6 +124,6 @@ def test_null_space_property(editors):
         a, r = update.pending[layer]
         delta_w = (r.double() @ a.double().T)  # (d_out, d_in)
         keys = _corpus_keys(editor, layer)
-        ratios[method] = float((delta_w @ keys).norm() / (delta_w.norm() * keys.norm()))
-    assert ratios["alphaedit"] < 0.02, ratios
-    assert ratios["memit"] > 5 * ratios["alphaedit"], ratios
+        ratios[method] = float((delta_w @ keys).norm() / (torch.linalg.matrix_norm(delta_w, 2) * keys.norm()))
+    assert ratios["alphaedit"] < 1e-3, ratios
+    assert ratios["memit"] > 20 * ratios["alphaedit"], ratios
