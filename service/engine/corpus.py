@@ -62,7 +62,7 @@ class SelfGeneratedCorpus:
     """Text the model samples itself from fixed, seeded openings: needs no file or download."""
 
     def __init__(self, model: PreTrainedModel, model_fingerprint: str, seed: int = 0,
-                 tokens_per_document: int = 256, batch_size: int = 25) -> None:
+                 tokens_per_document: int = 128, batch_size: int = 50) -> None:
         self.model = model
         self.seed = seed
         self.tokens_per_document = tokens_per_document

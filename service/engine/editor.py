@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +47,16 @@ class BatchUpdate:
     timings: dict[str, float] = field(default_factory=dict)
 
 
+@dataclass
+class WeightSwap:
+    """Edited weights planned from the factor store, with their digest, not yet installed."""
+
+    weights: dict[int, torch.Tensor]  # per layer, in the parameter's layout, dtype and device
+    digest: str
+    add: list[EditFactors]
+    remove: list[str]
+
+
 class Editor:
     def __init__(
         self,
@@ -63,9 +73,10 @@ class Editor:
         self.hparams = hparams.with_overrides(layers=layers)
         self.layers = layers
         self.method = method
-        self.second_moments = {layer: second_moments[layer] for layer in layers}
+        device = self.adapter.head.weight.device  # the solves run where the model is, in float64
+        self.second_moments = {layer: second_moments[layer].to(device) for layer in layers}
         self.null_spaces: dict[int, NullSpace] = {
-            layer: null_space(second_moments[layer], hparams.nullspace_threshold, hparams.nullspace_energy)
+            layer: null_space(self.second_moments[layer], hparams.nullspace_threshold, hparams.nullspace_energy)
             for layer in layers
         }
         self._check_null_spaces()
@@ -124,8 +135,8 @@ class Editor:
         timings["keys_solve_s"] = time.perf_counter() - start
         edits = [
             EditFactors(edit_id, batch_id, {
-                layer: LayerFactor(r=pending[layer][1][:, j].clone(), a=pending[layer][0][:, j].clone(),
-                                   k=keys[layer][:, j].clone())
+                layer: LayerFactor(r=pending[layer][1][:, j].cpu().clone(), a=pending[layer][0][:, j].cpu().clone(),
+                                   k=keys[layer][:, j].cpu().clone())
                 for layer in self.layers
             })
             for j, edit_id in enumerate(edit_ids)
@@ -166,19 +177,35 @@ class Editor:
 
     # ---- committing --------------------------------------------------------------------------
 
-    def commit(self, update: BatchUpdate, version: int) -> None:
-        """Make a computed batch live. On any failure the served weights stay as they were."""
+    def plan_commit(self, update: BatchUpdate) -> WeightSwap:
+        """The weights with a computed batch added, ready to install (nothing changes yet)."""
         duplicate = [e.edit_id for e in update.edits if e.edit_id in self.store]
         if duplicate:
             raise Conflict(f"edits already active in the model: {duplicate}")
-        self._swap(version, extra=update.edits)
-        self.store.add(update.edits)
+        return self._plan(add=list(update.edits), remove=[])
 
-    def revert(self, edit_id: str, version: int) -> EditFactors:
+    def plan_revert(self, edit_id: str) -> WeightSwap:
         if edit_id not in self.store:
             raise Conflict(f"edit {edit_id} is not active in the model")
-        self._swap(version, exclude=[edit_id])
-        return self.store.remove(edit_id)
+        return self._plan(add=[], remove=[edit_id])
+
+    def install(self, swap: WeightSwap, version: int) -> None:
+        """Swap the planned weights in together, under the write lock, and update the store."""
+        with self.lock.write():
+            for layer, weight in swap.weights.items():
+                self.adapter.assign(layer, weight)
+            self.version = version
+        if swap.add:
+            self.store.add(swap.add)
+        for edit_id in swap.remove:
+            self.store.remove(edit_id)
+
+    def commit(self, update: BatchUpdate, version: int) -> None:
+        """Make a computed batch live. On any failure the served weights stay as they were."""
+        self.install(self.plan_commit(update), version)
+
+    def revert(self, edit_id: str, version: int) -> None:
+        self.install(self.plan_revert(edit_id), version)
 
     def load(self, edits: Sequence[EditFactors], version: int) -> None:
         """Replay active edits (ledger order) onto a fresh editor, batch by batch."""
@@ -190,17 +217,16 @@ class Editor:
             batch.append(edit)
         if batch:
             self.store.add(batch)
-        self._swap(version)
+        self.install(self._plan(add=[], remove=[]), version)
 
-    def _swap(self, version: int, extra: Sequence[EditFactors] = (), exclude: Sequence[str] = ()) -> None:
-        composed = {layer: self.store.composed(layer, extra, exclude) for layer in self.layers}
-        for layer, weight in composed.items():
-            if not torch.isfinite(weight).all():
+    def _plan(self, add: list[EditFactors], remove: list[str]) -> WeightSwap:
+        weights = {}
+        for layer in self.layers:
+            composed = self.store.composed(layer, add, remove)
+            if not torch.isfinite(composed).all():
                 raise EditFailed(f"layer {layer}: recomposed weight is not finite; the model is unchanged")
-        with self.lock.write():
-            for layer, weight in composed.items():
-                self.adapter.set_weight(layer, weight)
-            self.version = version
+            weights[layer] = self.adapter.stored_layout(layer, composed)
+        return WeightSwap(weights, _digest(weights[layer] for layer in self.layers), add, remove)
 
     # ---- reading -----------------------------------------------------------------------------
 
@@ -211,11 +237,8 @@ class Editor:
             yield self.version
 
     def weights_digest(self) -> str:
-        h = hashlib.sha256()
-        for layer in self.layers:
-            data = self.adapter.edited_module(layer).weight.detach().contiguous().cpu()
-            h.update(data.view(torch.uint8).numpy().tobytes())
-        return h.hexdigest()
+        """sha256 over the edited weights as served (layout, dtype), in layer order."""
+        return _digest(self.adapter.edited_module(layer).weight.detach() for layer in self.layers)
 
     def measure(self, requests: Sequence[EditRequest], pending: Pending | None = None) -> list[RequestMetrics]:
         """Probabilities of target_new / target_true on each request's prompts."""
@@ -250,6 +273,13 @@ class Editor:
 
     def close(self) -> None:
         self.trace.close()
+
+
+def _digest(tensors: Iterable[torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for tensor in tensors:
+        h.update(tensor.contiguous().cpu().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def _metrics_from(requests: Sequence[EditRequest], plan: list, scores: list[Score]) -> list[RequestMetrics]:

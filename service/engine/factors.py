@@ -86,15 +86,16 @@ class FactorStore:
     def _zero_prior(self, layer: int) -> torch.Tensor:
         basis = self._bases.get(layer)
         size = basis.shape[1] if basis is not None else self._base[layer].shape[1]
-        return torch.zeros(size, size, dtype=torch.float64)
+        return torch.zeros(size, size, dtype=torch.float64, device=self._base[layer].device)
 
     def _batch_prior(self, layer: int, edits: list[EditFactors]) -> torch.Tensor:
         if not edits:
             return self._zero_prior(layer)
-        keys = torch.stack([e.layers[layer].k for e in edits], dim=1).double()  # (d_in, n)
+        device = self._base[layer].device
+        keys = torch.stack([e.layers[layer].k for e in edits], dim=1).to(device, torch.float64)  # (d_in, n)
         basis = self._bases.get(layer)
         if basis is not None:
-            keys = basis.T.to(keys) @ keys  # (m, n)
+            keys = basis.T.to(device, torch.float64) @ keys  # (m, n)
         return keys @ keys.T
 
     def _recompute_prior(self) -> None:

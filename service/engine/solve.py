@@ -24,7 +24,8 @@ def alphaedit_directions(
     keys: torch.Tensor, basis: torch.Tensor, prior_reduced: torch.Tensor, l2: float
 ) -> torch.Tensor:
     """A (d_in, n). keys K (d_in, n); basis U (d_in, m); prior_reduced Uᵀ C_p U (m, m)."""
-    keys, basis = keys.double(), basis.double()
+    basis = basis.double()
+    keys = keys.to(basis.device, torch.float64)
     reduced_keys = basis.T @ keys  # (m, n)
     system = reduced_keys @ reduced_keys.T + prior_reduced.double()
     system.diagonal().add_(l2)
@@ -35,11 +36,11 @@ def memit_directions(
     keys: torch.Tensor, second_moment: torch.Tensor, prior: torch.Tensor, mom2_weight: float
 ) -> torch.Tensor:
     """A (d_in, n) from (λ_m C0 + K Kᵀ + C_p) A = K."""
-    keys = keys.double()
+    keys = keys.to(second_moment.device, torch.float64)
     system = mom2_weight * second_moment.double() + keys @ keys.T + prior.double()
     return _spd_solve(system, keys, "MEMIT solve")
 
 
 def residuals(targets: torch.Tensor, current: torch.Tensor, layers_left: int) -> torch.Tensor:
     """R (d_out, n) = (Z − H) / (L − i): the share of the remaining change this layer takes."""
-    return ((targets.double() - current.double()) / layers_left).T
+    return ((targets.double() - current.to(targets.device, torch.float64)) / layers_left).T

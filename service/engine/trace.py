@@ -44,7 +44,7 @@ class LayerTrace:
             pending = state.pending.get(layer)
             if pending is None:
                 return None
-            a, r = pending
+            a, r = (t.to(keys.device) for t in pending)  # a no-op unless layers span devices
             update = (keys.to(a.dtype) @ a) @ r.T  # (B, T, d_out), low rank: never densify ΔW
             return output + update.to(output.dtype)
 

@@ -529,3 +529,11 @@ def status_counts(session: Session) -> dict[str, int]:
 def queue_depth(session: Session) -> int:
     """Unfinished operations (queued or applying)."""
     return int(session.scalar(select(func.count()).select_from(Operation).where(Operation.status.in_(PENDING))) or 0)
+
+
+def rebatch(session: Session, op: Operation | int, batch_id: str) -> None:
+    """Move a claimed op to another batch (the worker splits a batch that failed as a whole)."""
+    op = _locked_op(session, op)
+    _require_pending(op, "re-batch", claimed=True)
+    op.batch_id = batch_id
+    session.flush()

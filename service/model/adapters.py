@@ -91,13 +91,17 @@ class ModelAdapter:
         weight = self.edited_module(layer).weight
         return weight.T if self.arch.transposed else weight
 
-    def set_weight(self, layer: int, value: torch.Tensor) -> None:
-        """Swap in a (d_out, d_in) tensor; the caller holds the model's write lock."""
+    def stored_layout(self, layer: int, value: torch.Tensor) -> torch.Tensor:
+        """A (d_out, d_in) float tensor in the parameter's layout, dtype and device."""
         parameter = self.edited_module(layer).weight
-        stored = value.T.contiguous() if self.arch.transposed else value
+        stored = value.T if self.arch.transposed else value
         if stored.shape != parameter.shape:
             raise ValueError(f"layer {layer}: weight shape {tuple(stored.shape)} != {tuple(parameter.shape)}")
-        parameter.data = stored.to(dtype=parameter.dtype, device=parameter.device)
+        return stored.to(dtype=parameter.dtype, device=parameter.device).contiguous()
+
+    def assign(self, layer: int, stored: torch.Tensor) -> None:
+        """Swap in a tensor from `stored_layout`; the caller holds the model's write lock."""
+        self.edited_module(layer).weight.data = stored
 
     def slice(self, start: int, stop: int) -> nn.Module:
         """The decoder stack restricted to blocks [start, stop), without the final norm.

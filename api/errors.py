@@ -1,0 +1,126 @@
+"""The one error handler: every failure becomes {"error": {"type", "message"}} with its status."""
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from http import HTTPStatus
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from api.schemas.common import UNION_TAGS
+from service.errors import (
+    Conflict,
+    EditFailed,
+    Forbidden,
+    InvalidRequest,
+    KnowpatchError,
+    NotFound,
+    Unauthorized,
+    Unavailable,
+)
+
+log = logging.getLogger(__name__)
+
+# Most specific class first; anything else derived from KnowpatchError is a server-side fault (500).
+STATUS_BY_ERROR: tuple[tuple[type[KnowpatchError], int], ...] = (
+    (InvalidRequest, 422),
+    (EditFailed, 422),
+    (NotFound, 404),
+    (Conflict, 409),
+    (Unauthorized, 401),
+    (Forbidden, 403),
+    (Unavailable, 503),
+)
+
+
+ERROR_DOCS = {  # status: (error type, description), for the OpenAPI document
+    400: ("InvalidRequest", "malformed JSON; nothing was written"),
+    401: ("Unauthorized", "missing or unknown API key"),
+    403: ("Forbidden", "the key lacks the scope this route needs"),
+    404: ("NotFound", "no such edit"),
+    409: ("Conflict", "the edit's state (or an Idempotency-Key reuse) forbids this"),
+    422: ("InvalidRequest", "invalid input; nothing was written"),
+    503: ("Unavailable", "no inference backend, the worker is unreachable, or min_model_version is not live"),
+}
+
+
+def error_body(error_type: str, message: str) -> dict[str, Any]:
+    return {"error": {"type": error_type, "message": message}}
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` for these error statuses, with an example body each."""
+    return {s: {"description": ERROR_DOCS[s][1],
+                "content": {"application/json": {"example": error_body(*ERROR_DOCS[s])}}} for s in statuses}
+
+
+def status_of(exc: KnowpatchError) -> int:
+    return next((status for cls, status in STATUS_BY_ERROR if isinstance(exc, cls)), 500)
+
+
+def field_path(loc: Sequence[int | str]) -> str:
+    """('body', 'edits', 0, 'subject') -> 'edits[0].subject'; query/header/path params by name."""
+    parts = [p for p in loc[1:] if p not in UNION_TAGS] if loc and loc[0] == "body" else list(loc[1:])
+    path = ""
+    for part in parts:
+        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+    return path or ("the request body" if loc and loc[0] == "body" else str(loc[-1] if loc else "request"))
+
+
+def describe_validation(errors: Iterable[dict[str, Any]]) -> tuple[int, str]:
+    errors = list(errors)
+    broken = next((e for e in errors if e.get("type") == "json_invalid"), None)
+    if broken is not None:
+        detail = (broken.get("ctx") or {}).get("error", "")
+        return 400, f"request body is not valid JSON ({detail}); send a JSON object with Content-Type: application/json"
+    if any(tuple(e.get("loc", ())) == ("body",) and e.get("type") == "missing" for e in errors):
+        return 422, "the request body is missing: send a JSON object with Content-Type: application/json"
+    lines = []
+    for e in errors:
+        where = field_path(e.get("loc", ()))
+        msg = "this field is required" if e.get("type") == "missing" else e.get("msg", "invalid value")
+        lines.append(f"{where}: {msg}")
+    return 422, "invalid request: " + "; ".join(lines)
+
+
+def _http_error(request: Request, exc: StarletteHTTPException) -> tuple[int, str, str]:
+    if exc.status_code == 404 and exc.detail == "Not Found":
+        return 404, "NotFound", f"no route {request.method} {request.url.path}; the routes are listed at GET /docs"
+    if exc.status_code == 405:
+        allowed = (exc.headers or {}).get("Allow", "")
+        return 405, "MethodNotAllowed", f"{request.method} is not allowed on {request.url.path}; use {allowed}"
+    try:
+        name = HTTPStatus(exc.status_code).phrase.replace(" ", "")
+    except ValueError:
+        name = "HTTPError"
+    return exc.status_code, name, str(exc.detail)
+
+
+def _describe(request: Request, exc: Exception) -> tuple[int, str, str, dict[str, str]]:
+    if isinstance(exc, KnowpatchError):
+        headers = {"WWW-Authenticate": 'Bearer realm="knowpatch"'} if isinstance(exc, Unauthorized) else {}
+        return status_of(exc), type(exc).__name__, exc.message, headers
+    if isinstance(exc, RequestValidationError):
+        status, message = describe_validation(exc.errors())
+        return status, "InvalidRequest", message, {}
+    if isinstance(exc, StarletteHTTPException):
+        status, name, message = _http_error(request, exc)
+        return status, name, message, dict(exc.headers or {})
+    log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return 500, "InternalError", "internal error; the server log has the details", {}
+
+
+async def handle_error(request: Request, exc: Exception) -> JSONResponse:
+    status, error_type, message, headers = _describe(request, exc)
+    if status >= 500:
+        log.warning("%s %s -> %d %s: %s", request.method, request.url.path, status, error_type, message)
+    return JSONResponse(error_body(error_type, message), status_code=status, headers=headers)
+
+
+def install_error_handler(app: FastAPI) -> None:
+    for cls in (KnowpatchError, RequestValidationError, StarletteHTTPException, Exception):
+        app.add_exception_handler(cls, handle_error)

@@ -1,0 +1,112 @@
+"""Prometheus metrics of one app, in its own registry.
+
+Ledger-derived values (edits by status, queue depth, ledger head, apply latency) are read from the
+ledger at scrape time by LedgerCollector, so they are right whichever process changed the ledger.
+Generation latency and tokens are observed by the routes of this process.
+"""
+from __future__ import annotations
+
+import logging
+import statistics
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from service.errors import KnowpatchError
+from service.ledger import repository as repo
+from service.ledger.models import EditEvent
+from service.queue import OperationQueue
+
+log = logging.getLogger(__name__)
+
+APPLY_LATENCY_WINDOW = 100  # most recent applied edits the apply-latency gauges summarize
+GENERATE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+def recent_apply_seconds(session: Session, window: int = APPLY_LATENCY_WINDOW) -> list[float]:
+    """Seconds from each recent edit's last 'applying' event to its 'applied' event, newest first.
+
+    This is the worker's time to compute and record the edit's batch (the solve for all edits
+    coalesced with it), not the time the edit waited in the queue.
+    """
+    applied = list(session.scalars(
+        select(EditEvent).where(EditEvent.event == "applied").order_by(EditEvent.id.desc()).limit(window)
+    ))
+    starts: dict[str, EditEvent] = {}
+    claims = select(EditEvent).where(EditEvent.event == "applying",
+                                     EditEvent.edit_id.in_([e.edit_id for e in applied])).order_by(EditEvent.id)
+    for event in session.scalars(claims):
+        starts[event.edit_id] = event  # the last claim wins (an earlier one may have crashed)
+    return [(e.at - starts[e.edit_id].at).total_seconds() for e in applied if e.edit_id in starts]
+
+
+class LedgerCollector(Collector):
+    """Reads the ledger (and the queue) at every scrape."""
+
+    def __init__(self, ledger: sessionmaker[Session], queue: OperationQueue) -> None:
+        self.ledger, self.queue = ledger, queue
+
+    def describe(self) -> list[Metric]:
+        return []  # no ledger query at registration
+
+    def collect(self) -> Iterator[Metric]:
+        try:
+            yield from self._ledger_metrics()
+            yield GaugeMetricFamily("knowpatch_ledger_up", "1 if the ledger answered this scrape", value=1)
+        except Exception as exc:  # a scrape must still succeed while the ledger is down
+            log.warning("metrics: the ledger did not answer: %s", exc)
+            yield GaugeMetricFamily("knowpatch_ledger_up", "1 if the ledger answered this scrape", value=0)
+        yield from self._queue_metrics()
+
+    def _ledger_metrics(self) -> Iterator[Metric]:
+        with self.ledger() as session:
+            counts, pending = repo.status_counts(session), repo.queue_depth(session)
+            head_seq, _ = repo.head(session)
+            latencies = recent_apply_seconds(session)
+        edits = GaugeMetricFamily("knowpatch_edits", "Edits in the ledger by status", labels=["status"])
+        for status, count in counts.items():
+            edits.add_metric([status], count)
+        yield edits
+        yield GaugeMetricFamily("knowpatch_queue_depth", "Ledger operations not finished (queued or applying)",
+                                value=pending)
+        yield GaugeMetricFamily("knowpatch_ledger_head_seq", "Seq of the last done operation: the model version "
+                                "the ledger describes", value=head_seq)
+        if latencies:
+            yield GaugeMetricFamily("knowpatch_edit_apply_seconds_last", "Seconds from 'applying' to 'applied' "
+                                    "of the most recently applied edit (its batch's compute time)", value=latencies[0])
+            yield GaugeMetricFamily("knowpatch_edit_apply_seconds_median", "Median seconds from 'applying' to "
+                                    f"'applied' over the last {APPLY_LATENCY_WINDOW} applied edits",
+                                    value=statistics.median(latencies))
+
+    def _queue_metrics(self) -> Iterator[Metric]:
+        try:
+            depth = self.queue.depth()
+        except KnowpatchError as exc:
+            log.warning("metrics: the queue did not answer: %s", exc.message)
+            return
+        yield GaugeMetricFamily("knowpatch_queue_messages", "Messages in the work queue (waiting or unacknowledged)",
+                                value=depth)
+
+
+class ApiMetrics:
+    """The app's registry and the metrics its routes observe."""
+
+    def __init__(self, ledger: sessionmaker[Session], queue: OperationQueue) -> None:
+        self.registry = CollectorRegistry()
+        self.registry.register(LedgerCollector(ledger, queue))
+        self.generate_seconds = Histogram(
+            "knowpatch_generate_seconds", "Latency of generation requests (streams: until the last token)",
+            ["endpoint"], buckets=GENERATE_BUCKETS, registry=self.registry)
+        self.generated_tokens = Counter(
+            "knowpatch_generated_tokens", "Tokens generated", ["endpoint"], registry=self.registry)
+
+    def observe_generation(self, endpoint: str, seconds: float, tokens: int) -> None:
+        self.generate_seconds.labels(endpoint).observe(seconds)
+        self.generated_tokens.labels(endpoint).inc(tokens)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

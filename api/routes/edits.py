@@ -1,0 +1,75 @@
+"""/edits: submit, inspect, list, roll back and cancel fact edits."""
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Body, Header, Query, Response
+
+from api import edit_service
+from api.deps import EditAdmin, EditWriter, LedgerDep, QueueDep, SettingsDep
+from api.errors import error_responses
+from api.schemas.edits import (
+    EDIT_EXAMPLE,
+    EditAccepted,
+    EditAudit,
+    EditIn,
+    EditListAccepted,
+    EditPage,
+    EditStatus,
+    EditSubmission,
+    RollbackAccepted,
+    RollbackIn,
+)
+
+router = APIRouter(prefix="/edits", tags=["edits"])
+SUBMISSION_EXAMPLES = {
+    "one edit": {"summary": "one edit", "value": EDIT_EXAMPLE},
+    "a list": {"summary": "several edits, applied in order", "value": {"edits": [
+        EDIT_EXAMPLE, {"subject": "Colosseum", "prompt": "The Colosseum is in", "target_new": "Paris"}]}},
+}
+
+
+@router.post("", status_code=202, response_model=EditAccepted | EditListAccepted,
+             responses=error_responses(400, 401, 403, 409, 422), summary="Submit one edit or a list of edits")
+def submit_edits(caller: EditWriter, body: Annotated[EditSubmission, Body(openapi_examples=SUBMISSION_EXAMPLES)],
+                 response: Response, settings: SettingsDep,
+                 ledger: LedgerDep, queue: QueueDep,
+                 idempotency_key: Annotated[str | None, Header(min_length=1, max_length=255)] = None,
+                 ) -> EditAccepted | EditListAccepted:
+    """Records the edits as `queued` (scope `edits:write`); the worker applies them in order."""
+    accepted, replayed = edit_service.submit_edits(
+        ledger, queue, body, requested_by=caller.name, default_method=settings.method,
+        idempotency_key=idempotency_key)
+    response.headers["Location"] = f"/edits/{accepted[0].id}"
+    if replayed:
+        response.headers["Idempotent-Replayed"] = "true"
+    return accepted[0] if isinstance(body, EditIn) else EditListAccepted(edits=accepted)
+
+
+@router.get("", response_model=EditPage, responses=error_responses(401, 403, 422), summary="List edits, newest first")
+def list_edits(_: EditWriter, ledger: LedgerDep,
+               status: Annotated[EditStatus | None, Query(description="only edits in this status")] = None,
+               subject: Annotated[str | None, Query(description="only edits of exactly this subject")] = None,
+               cursor: Annotated[str | None, Query(description="next_cursor of the previous page")] = None,
+               limit: Annotated[int, Query(ge=1, le=200)] = 50) -> EditPage:
+    return edit_service.list_records(ledger, status=status, subject=subject, cursor=cursor, limit=limit)
+
+
+@router.get("/{edit_id}", response_model=EditAudit, responses=error_responses(401, 403, 404),
+            summary="An edit's audit record")
+def get_edit(_: EditWriter, edit_id: str, ledger: LedgerDep) -> EditAudit:
+    return edit_service.get_audit(ledger, edit_id)
+
+
+@router.post("/{edit_id}/rollback", status_code=202, response_model=RollbackAccepted,
+             responses=error_responses(400, 401, 403, 404, 409, 422), summary="Queue the rollback of an applied edit")
+def rollback_edit(caller: EditAdmin, edit_id: str, body: RollbackIn, ledger: LedgerDep,
+                  queue: QueueDep) -> RollbackAccepted:
+    """Ordered through the queue after everything already accepted (scope `edits:admin`)."""
+    return edit_service.request_rollback(ledger, queue, edit_id, reason=body.reason, actor=caller.name)
+
+
+@router.delete("/{edit_id}", response_model=EditAudit, responses=error_responses(401, 403, 404, 409),
+               summary="Cancel an edit that is still queued")
+def cancel_edit(caller: EditWriter, edit_id: str, ledger: LedgerDep) -> EditAudit:
+    return edit_service.cancel(ledger, edit_id, actor=caller.name)

@@ -1,0 +1,1 @@
+"""The `knowpatch` command: the composition root that wires service/, api/ and workers/ together."""

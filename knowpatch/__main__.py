@@ -1,0 +1,3 @@
+from knowpatch.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,187 @@
+"""`knowpatch serve | api | worker | migrate | prepare | eval`.
+
+This module is the only place that imports api/ and workers/ together: it builds the objects
+(settings, ledger, queue, editor, worker, app) and hands them to each other.
+"""
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import os
+import socket
+import sys
+import threading
+
+from service.config import Settings
+from service.errors import KnowpatchError
+
+log = logging.getLogger("knowpatch")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _check_exposure(host: str, settings: Settings) -> None:
+    from api.auth import auth_enabled
+
+    if auth_enabled(settings):
+        return
+    if not _is_loopback(host):
+        raise SystemExit(
+            f"refusing to listen on {host}: no API keys are configured (set KNOWPATCH_API_KEYS), "
+            "so the service only listens on loopback"
+        )
+    log.warning("no API keys configured: every request is allowed; listening on loopback (%s) only", host)
+
+
+def _start_worker(settings: Settings, sessions, queue):
+    from service.bootstrap import build_editor
+    from workers.inference import LocalBackend
+    from workers.worker import Worker
+
+    editor = build_editor(settings)
+    worker = Worker(editor, sessions, queue, batch_size=settings.batch_size, fault_injection=settings.fault_injection)
+    worker.start()
+    stop = threading.Event()
+    thread = threading.Thread(target=worker.run, args=(stop,), name="knowpatch-worker", daemon=True)
+    thread.start()
+    backend = LocalBackend(editor, version_wait_s=settings.version_wait_s, ready=worker.ready.is_set)
+    return backend, stop, thread
+
+
+def _ledger(settings: Settings, migrate_first: bool):
+    from service.ledger.db import make_engine, migrate, session_factory
+
+    url = settings.resolved_database_url()
+    if url.startswith("sqlite"):
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+    if migrate_first:
+        migrate(url)
+    return session_factory(make_engine(url))
+
+
+def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
+    """Everything in one process: SQLite ledger, in-process queue, the model, the API."""
+    import uvicorn
+
+    from api.app import create_app
+    from service.queue.local import LocalQueue
+
+    _check_exposure(args.host, settings)
+    sessions = _ledger(settings, migrate_first=True)
+    queue = LocalQueue()
+    backend, stop, thread = _start_worker(settings, sessions, queue)
+    app = create_app(settings, session_factory=sessions, queue=queue, backend=backend)
+    log.info("knowpatch serving on http://%s:%d (ledger %s)", args.host, args.port, settings.resolved_database_url())
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    finally:
+        stop.set()
+        thread.join(timeout=60)
+    return 0
+
+
+def _redis_queue(settings: Settings):
+    from service.queue.redis_streams import RedisStreamQueue
+
+    if not settings.redis_url:
+        raise SystemExit("KNOWPATCH_REDIS_URL is required for the split deployment")
+    consumer = f"{socket.gethostname()}-{os.getpid()}"
+    return RedisStreamQueue(settings.redis_url, settings.queue_stream, settings.queue_group, consumer)
+
+
+def cmd_api(args: argparse.Namespace, settings: Settings) -> int:
+    """The API alone (no torch): ledger + Redis queue; inference forwarded to the worker."""
+    import uvicorn
+
+    from api.app import create_app
+    from api.backend_http import HttpBackend
+
+    _check_exposure(args.host, settings)
+    if not settings.database_url:
+        raise SystemExit("KNOWPATCH_DATABASE_URL is required for the split deployment")
+    worker_url = settings.worker_url or f"http://{settings.worker_host}:{settings.worker_port}"
+    backend = HttpBackend(worker_url, timeout=settings.version_wait_s + 300)
+    app = create_app(settings, session_factory=_ledger(settings, migrate_first=False), queue=_redis_queue(settings),
+                     backend=backend, lifespan_hooks=[backend.lifespan])
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
+    """The worker alone: owns the model, consumes the Redis stream, serves inference internally."""
+    import uvicorn
+
+    from workers.server import create_worker_app
+
+    if not settings.database_url:
+        raise SystemExit("KNOWPATCH_DATABASE_URL is required for the split deployment")
+    backend, stop, thread = _start_worker(settings, _ledger(settings, migrate_first=False), _redis_queue(settings))
+    try:
+        uvicorn.run(create_worker_app(backend), host=settings.worker_host, port=settings.worker_port, log_level="info")
+    finally:
+        stop.set()
+        thread.join(timeout=60)
+    return 0
+
+
+def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
+    """Create or upgrade the ledger schema (Alembic) at KNOWPATCH_DATABASE_URL."""
+    from service.ledger.db import migrate
+
+    url = settings.resolved_database_url()
+    _ledger(settings, migrate_first=False)  # creates the SQLite folder if needed
+    migrate(url)
+    log.info("ledger schema is up to date at %s", url.split("@")[-1])
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace, settings: Settings) -> int:
+    """Load (and convert) the model and compute its key statistics, so the first start is fast."""
+    from service.bootstrap import build_editor
+
+    editor = build_editor(settings)
+    log.info("ready: %s", editor.info()["null_space_dims"])
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="knowpatch", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, func, port in (("serve", cmd_serve, 8000), ("api", cmd_api, 8000)):
+        p = sub.add_parser(name, help=func.__doc__.splitlines()[0])
+        p.add_argument("--host", default="127.0.0.1")
+        p.add_argument("--port", type=int, default=port)
+        p.set_defaults(func=func)
+    for name, func in (("worker", cmd_worker), ("migrate", cmd_migrate), ("prepare", cmd_prepare)):
+        sub.add_parser(name, help=func.__doc__.splitlines()[0]).set_defaults(func=func)
+    try:
+        from service.eval.cli import add_eval_parser
+    except ImportError:  # the evaluation is optional at run time
+        pass
+    else:
+        add_eval_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        if args.func.__module__ == __name__:
+            return args.func(args, Settings())
+        return args.func(args) or 0
+    except KnowpatchError as exc:
+        log.error("%s", exc.message)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,180 @@
+"""`knowpatch eval` and `knowpatch eval-compare` (also `python -m service.eval.cli ...`).
+
+    knowpatch eval counterfact --n 500 --batch-size 50 --method alphaedit --device cuda --out runs/cf-alphaedit
+    knowpatch eval zsre --n 500 --batch-size 50 --url http://localhost:8000 --api-key $KEY
+    knowpatch eval-compare runs/cf-alphaedit runs/cf-memit --out runs/cf-compare
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import platform
+import sys
+import time
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from service.errors import KnowpatchError
+from service.eval.backend import Backend
+from service.eval.data import DEFAULT_PATHS, load_cases, load_heldout, load_knowns
+from service.eval.report import metrics_table, write_comparison, write_run
+from service.eval.runner import EvalInputs, ProtocolSettings, run_protocol
+
+log = logging.getLogger(__name__)
+DEFAULT_CACHE = Path.home() / ".cache" / "knowpatch"
+
+
+def parse_layers(text: str) -> list[int]:
+    """"4,5,6" or "4-8" (inclusive)."""
+    layers: list[int] = []
+    for part in text.split(","):
+        first, _, last = part.strip().partition("-")
+        layers.extend(range(int(first), int(last or first) + 1))
+    return layers
+
+
+def add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register `eval` and `eval-compare` on the knowpatch command's subparsers."""
+    p = subparsers.add_parser("eval", help="evaluate sequential editing on CounterFact or zsRE",
+                              description="The AlphaEdit paper's protocol: n cases edited in batches, in order, "
+                                          "never undone; the unedited and the final model scored on all n cases.")
+    p.add_argument("dataset", choices=["counterfact", "zsre"])
+    data = p.add_argument_group("data")
+    data.add_argument("--data", type=Path, help="dataset file (default: ../shared/data/<dataset>/...)")
+    data.add_argument("--n", type=int, default=500, help="cases, the first n editable ones in file order (500)")
+    data.add_argument("--knowns", type=Path, help=f"control facts (default {DEFAULT_PATHS['knowns'].name})")
+    data.add_argument("--control-n", type=int, default=100, help="control facts used, spread over the file (100)")
+    data.add_argument("--ppl-text", type=Path, help="text whose END is the perplexity slice (default WikiText-2)")
+    data.add_argument("--ppl-chunks", type=int, default=16, help="perplexity chunks of 192 words (16; 0: none)")
+    data.add_argument("--fluency-tokens", type=int, default=100, help="greedy tokens per fluency generation (100; 0: none)")
+    protocol = p.add_argument_group("protocol")
+    protocol.add_argument("--batch-size", type=int, default=50, help="edits per batch (50)")
+    protocol.add_argument("--checkpoint-every", type=int, default=0,
+                          help="score the cases edited so far every k edits (0: about five checkpoints)")
+    protocol.add_argument("--out", type=Path, help="run folder (default eval-results/<dataset>-<method>-n<n>-<time>)")
+    protocol.add_argument("--quiet", action="store_true", help="no progress bars")
+    editing = p.add_argument_group("editing (in-process)")
+    editing.add_argument("--method", choices=["alphaedit", "memit"], default="alphaedit")
+    editing.add_argument("--model", default="smollm2", help="'smollm2' (embedded), a local path or a cached HF id")
+    editing.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda if available)")
+    editing.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    editing.add_argument("--corpus", default="self", help="preserved-knowledge text: 'self' or a file / folder")
+    editing.add_argument("--stats-tokens", type=int, help="token budget of the key statistics")
+    editing.add_argument("--nullspace-threshold", type=float)
+    editing.add_argument("--nullspace-energy", type=float)
+    editing.add_argument("--layers", type=parse_layers, help="edited layers, e.g. 4,5,6,7,8 or 4-8")
+    editing.add_argument("--v-lr", type=float)
+    editing.add_argument("--v-steps", type=int, help="compute_z steps (v_num_grad_steps)")
+    editing.add_argument("--seed", type=int, default=0, help="context templates, self corpus, torch")
+    editing.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help="converted models and statistics")
+    service = p.add_argument_group("service (over HTTP)")
+    service.add_argument("--url", help="drive a running knowpatch service instead of an in-process editor")
+    service.add_argument("--api-key", default=os.environ.get("KNOWPATCH_API_KEY"),
+                         help="bearer key with edits:write and generate scopes (env KNOWPATCH_API_KEY)")
+    p.set_defaults(func=run_eval)
+
+    c = subparsers.add_parser("eval-compare", help="combine eval runs into one table and plots")
+    c.add_argument("runs", nargs="+", type=Path, help="run folders written by `knowpatch eval`")
+    c.add_argument("--out", type=Path, required=True, help="folder for comparison.md and the plots")
+    c.set_defaults(func=run_compare)
+
+
+def _checkpoint_every(args: argparse.Namespace) -> int:
+    if args.checkpoint_every > 0:
+        return args.checkpoint_every
+    return args.batch_size * max(1, round(args.n / args.batch_size / 5))
+
+
+def _inputs(args: argparse.Namespace) -> tuple[EvalInputs, dict[str, str]]:
+    loaded = load_cases(args.dataset, args.data, args.n)
+    knowns = load_knowns(args.knowns, args.control_n)
+    heldout = load_heldout(args.ppl_text, args.ppl_chunks) if args.ppl_chunks > 0 else None
+    return EvalInputs(loaded.cases, knowns, heldout), {"data": str(loaded.path), "skipped": loaded.skipped}
+
+
+def _open_backend(args: argparse.Namespace, inputs: EvalInputs) -> tuple[Backend, dict[str, float]]:
+    if args.url:
+        from service.eval.remote import HttpBackend
+
+        return HttpBackend(args.url, args.api_key, method=args.method), {}
+    from service.eval.local import LocalBackend, LocalSetup, open_editor
+
+    overrides = {"stats_tokens": args.stats_tokens, "nullspace_threshold": args.nullspace_threshold,
+                 "nullspace_energy": args.nullspace_energy, "layers": args.layers, "v_lr": args.v_lr,
+                 "v_num_grad_steps": args.v_steps}
+    setup = LocalSetup(args.model, args.device, args.dtype, args.cache_dir, args.method, args.corpus, args.seed,
+                       {k: v for k, v in overrides.items() if v is not None})
+    editor, timings = open_editor(setup, inputs.heldout, progress=not args.quiet)
+    return LocalBackend(editor), timings
+
+
+def _versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for package in ("knowpatch", "torch", "transformers"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def _config(args: argparse.Namespace, data: dict[str, Any], described: dict[str, Any], every: int) -> dict[str, Any]:
+    config = {
+        "dataset": args.dataset, "n": args.n, "batch_size": args.batch_size, "checkpoint_every": every,
+        "method": args.method, "model": args.model, "corpus": args.corpus, "seed": args.seed,
+        "control_n": args.control_n, "ppl_chunks": args.ppl_chunks, "fluency_tokens": args.fluency_tokens,
+        "url": args.url, **data, **described, "versions": _versions(),
+        "command": " ".join(sys.argv), "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    if args.url:  # the service decides the model; what it reports is what was evaluated
+        config["model"] = described.get("service_info", {}).get("model", f"service at {args.url}")
+        config["device"] = described.get("service_info", {}).get("device", "service")
+    return config
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    start = time.perf_counter()
+    every = _checkpoint_every(args)
+    inputs, data = _inputs(args)
+    settings = ProtocolSettings(args.dataset, args.batch_size, every, args.fluency_tokens)
+    backend, setup_timings = _open_backend(args, inputs)
+    try:
+        results = run_protocol(backend, inputs, settings, progress=not args.quiet)
+        described = backend.describe()
+    finally:
+        backend.close()
+    results["config"] = _config(args, data, described, every)
+    results["timings"] = {**setup_timings, **results["timings"], "total_s": time.perf_counter() - start}
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    out = args.out or Path("eval-results") / f"{args.dataset}-{args.method}-n{args.n}-{stamp}"
+    write_run(results, out)
+    print(metrics_table([results]))
+    print(f"{results['edits_applied']} of {args.n} edits applied; {results['timings']['total_s']:.1f} s; "
+          f"results in {out}")
+    return 0
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    written = write_comparison(args.runs, args.out)
+    print(written[0].read_text())
+    print(f"wrote {', '.join(str(p) for p in written)}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="knowpatch", description="knowpatch evaluation")
+    add_eval_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except KnowpatchError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

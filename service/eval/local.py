@@ -1,0 +1,190 @@
+"""The in-process backend: an Editor on a loaded model, scored with the engine's batched scorer."""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from service.engine.corpus import Corpus, SelfGeneratedCorpus, TextCorpus
+from service.engine.editor import Editor
+from service.engine.prompts import Row
+from service.engine.scoring import continuation_row, score_rows
+from service.engine.types import EditRequest, HyperParams, Method, load_hparams
+from service.errors import EditFailed, InvalidRequest
+from service.eval.backend import BatchOutcome, Query, QueryScore
+from service.eval.data import HeldOutText
+from service.model.loading import LoadedModel, load_model
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LocalSetup:
+    """How to build the editor under evaluation."""
+
+    model: str = "smollm2"
+    device: str = "auto"  # "auto": the first CUDA device if there is one
+    dtype: str = "float32"
+    cache_dir: Path = Path.home() / ".cache" / "knowpatch"
+    method: Method = "alphaedit"
+    corpus: str = "self"  # "self" or a text file / folder
+    seed: int = 0
+    overrides: dict[str, Any] = field(default_factory=dict)  # HyperParams fields
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def make_corpus(spec: str, loaded: LoadedModel, seed: int) -> Corpus:
+    if spec == "self":
+        return SelfGeneratedCorpus(loaded.model, loaded.fingerprint, seed=seed)
+    return TextCorpus(spec)
+
+
+def hyperparameters(setup: LocalSetup) -> HyperParams:
+    return load_hparams(setup.model).with_overrides(context_seed=setup.seed, **setup.overrides)
+
+
+def check_heldout_disjoint(loaded: LoadedModel, corpus: Corpus, heldout: HeldOutText, stats_tokens: int) -> None:
+    """Perplexity text must not be statistics text: the statistics read a file from its start,
+    the held-out slice is its end; refuse a budget that would reach into it."""
+    files = [f.resolve() for f in getattr(corpus, "files", [])]
+    if heldout.path.resolve() not in files:
+        return
+    text = heldout.path.read_text(encoding="utf-8", errors="replace")[: heldout.start_char]
+    before = len(loaded.tokenizer(text, add_special_tokens=False)["input_ids"])
+    if before < stats_tokens:
+        raise InvalidRequest(
+            f"the perplexity slice of {heldout.path.name} starts after {before} tokens, but the key statistics "
+            f"read {stats_tokens} tokens of the same file; lower --stats-tokens or --ppl-chunks"
+        )
+
+
+def open_editor(setup: LocalSetup, heldout: HeldOutText | None, progress: bool) -> tuple[Editor, dict[str, float]]:
+    """Load the model, collect (or reuse cached) statistics and build the editor; with timings."""
+    torch.manual_seed(setup.seed)
+    start = time.perf_counter()
+    loaded = load_model(setup.model, device=resolve_device(setup.device), dtype=setup.dtype, cache_dir=setup.cache_dir)
+    loaded_at = time.perf_counter()
+    hparams = hyperparameters(setup)
+    corpus = make_corpus(setup.corpus, loaded, setup.seed)
+    if heldout is not None:
+        check_heldout_disjoint(loaded, corpus, heldout, hparams.stats_tokens)
+    editor = Editor.create(loaded, hparams, corpus, setup.cache_dir, method=setup.method, progress=progress)
+    timings = {"load_s": loaded_at - start, "statistics_s": time.perf_counter() - loaded_at}
+    return editor, timings
+
+
+def _chunks(rows: Sequence[Row], max_tokens: int, max_targets: int) -> Iterator[list[Row]]:
+    """Consecutive rows with at most `max_tokens` padded tokens (the forward pass) and
+    `max_targets` target tokens (each costs a vocabulary-sized row of log-probabilities)."""
+    chunk: list[Row] = []
+    width = targets = 0
+    for row in rows:
+        new_width, new_targets = max(width, len(row.ids)), targets + len(row.targets)
+        if chunk and (new_width * (len(chunk) + 1) > max_tokens or new_targets > max_targets):
+            yield chunk
+            chunk, new_width, new_targets = [], len(row.ids), len(row.targets)
+        chunk.append(row)
+        width, targets = new_width, new_targets
+    if chunk:
+        yield chunk
+
+
+class LocalBackend:
+    """Edits and measures one in-process model. Scoring reads under the editor's read lock."""
+
+    kind = "local"
+
+    def __init__(self, editor: Editor, max_batch_tokens: int = 8192, max_target_tokens: int = 1024,
+                 generate_batch_size: int = 32) -> None:
+        self.editor = editor
+        self.tokenizer = editor.tokenizer
+        self.max_batch_tokens = max_batch_tokens
+        self.max_target_tokens = max_target_tokens
+        self.generate_batch_size = generate_batch_size
+        self.version = editor.version
+
+    def apply(self, requests: Sequence[EditRequest], batch_id: str) -> BatchOutcome:
+        edit_ids = [f"{batch_id}-{j}" for j in range(len(requests))]
+        try:
+            update = self.editor.compute(requests, edit_ids, batch_id)
+            start = time.perf_counter()
+            self.editor.commit(update, self.version + 1)
+        except EditFailed as exc:
+            log.warning("batch %s failed, its %d edits are not applied: %s", batch_id, len(requests), exc.message)
+            return BatchOutcome(len(requests), applied=False, error=exc.message, model_version=self.version)
+        self.version += 1
+        timings = {**update.timings, "commit_s": time.perf_counter() - start}
+        return BatchOutcome(len(requests), True, None, self.version, timings, list(update.steps),
+                            [float(x) for x in update.target_nll])
+
+    def _score_rows(self, rows: Sequence[Row]) -> list:
+        scores = []
+        with self.editor.reading():
+            for chunk in _chunks(rows, self.max_batch_tokens, self.max_target_tokens):
+                scores.extend(score_rows(self.editor.adapter, None, chunk, self.tokenizer.pad_token_id,
+                                         batch_size=len(chunk)))
+        return scores
+
+    def score(self, queries: Sequence[Query]) -> list[QueryScore]:
+        rows = [continuation_row(self.tokenizer, q.prompt, q.continuation) for q in queries]
+        return [QueryScore(s.total_logprob, s.tokens, s.top1_correct) for s in self._score_rows(rows)]
+
+    def token_accuracy(self, queries: Sequence[Query]) -> list[float | None]:
+        """One single-token row per continuation token, so each token's argmax is judged alone."""
+        rows, owners = [], []
+        for i, q in enumerate(queries):
+            full = continuation_row(self.tokenizer, q.prompt, q.continuation)
+            prompt_ids = full.ids[: len(full.ids) - len(full.targets) + 1]
+            for k, target in enumerate(full.targets):
+                ids = prompt_ids + full.targets[:k]
+                rows.append(Row(0, ids, len(ids) - 1, (target,)))
+                owners.append(i)
+        correct = [[] for _ in queries]
+        for owner, score in zip(owners, self._score_rows(rows)):
+            correct[owner].append(score.top1_correct)
+        return [sum(c) / len(c) for c in correct]
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
+        texts: list[str] = []
+        with self.editor.reading():
+            for start in range(0, len(prompts), self.generate_batch_size):
+                texts.extend(self._generate_batch(prompts[start : start + self.generate_batch_size], max_new_tokens))
+        return texts
+
+    def _generate_batch(self, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
+        model, tokenizer = self.editor.model, self.tokenizer
+        side = tokenizer.padding_side
+        tokenizer.padding_side = "left"
+        try:
+            batch = tokenizer(list(prompts), return_tensors="pt", padding=True)
+        finally:
+            tokenizer.padding_side = side
+        batch = batch.to(model.get_input_embeddings().weight.device)
+        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None,
+                             top_k=None, pad_token_id=tokenizer.pad_token_id)
+        return tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+
+    def describe(self) -> dict[str, Any]:
+        loaded = self.editor.loaded
+        return {
+            "backend": self.kind,
+            "model": loaded.name,
+            "model_fingerprint": loaded.fingerprint,
+            "device": str(self.editor.adapter.head.weight.device),
+            "dtype": str(self.editor.adapter.head.weight.dtype).removeprefix("torch."),
+            **self.editor.info(),
+        }
+
+    def close(self) -> None:
+        self.editor.close()

@@ -1,0 +1,149 @@
+"""The API over real HTTP: uvicorn in a background thread on a free loopback port, real ledgers
+(SQLite and Postgres) and real queues."""
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+from fastapi import FastAPI
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from api.app import LifespanHook, create_app
+from service.config import Settings
+from service.inference import InferenceBackend
+from service.ledger.db import make_engine, migrate, session_factory
+from service.ledger.models import Edit, EditEvent, EditFactor, IdempotencyKey, Operation
+from service.queue import LocalQueue, OperationQueue
+
+# alice writes and generates, root administers, gen only generates.
+API_KEYS = "alice:alice-key:edits:write,generate;root:root-key:edits:admin;gen:gen-key:generate"
+KEYS = {"alice": "alice-key", "root": "root-key", "gen": "gen-key"}
+
+
+@contextmanager
+def serve(app: FastAPI) -> Iterator[str]:
+    """Run `app` with uvicorn on a free loopback port; yields its base URL."""
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
+                                           timeout_graceful_shutdown=2))
+    thread = threading.Thread(target=server.run, name="uvicorn-test", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("the test server did not start")
+        time.sleep(0.005)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+def auth(name: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {KEYS[name]}"}
+
+
+@dataclass
+class Api:
+    url: str
+    ledger: sessionmaker[Session]
+    queue: OperationQueue
+    clients: dict[str | None, httpx.Client] = field(default_factory=dict)
+
+    @property
+    def client(self) -> httpx.Client:
+        """Authenticated as alice (edits:write, generate)."""
+        return self.as_("alice")
+
+    def as_(self, name: str | None) -> httpx.Client:
+        """A client with key `name`, or with no key (None); kept open until the API stops."""
+        if name not in self.clients:
+            self.clients[name] = httpx.Client(base_url=self.url, headers=auth(name) if name else {}, timeout=10)
+        return self.clients[name]
+
+    def close(self) -> None:
+        for client in self.clients.values():
+            client.close()
+
+    def counts(self) -> dict[str, int]:
+        """Rows per ledger table: compared before/after requests that must change nothing."""
+        with self.ledger() as s:
+            return {t.__tablename__: int(s.scalar(select(func.count()).select_from(t)) or 0)
+                    for t in (Edit, Operation, EditEvent, EditFactor, IdempotencyKey)}
+
+
+ApiFactory = Callable[..., Api]
+
+
+class ApiRunner:
+    """Starts APIs on migrated ledgers and stops them all at close()."""
+
+    def __init__(self, default_url: str) -> None:
+        self.default_url = default_url
+        self._closers: list[Callable[[], object]] = []
+
+    def start(self, url: str | None = None, *, queue: OperationQueue | None = None,
+              backend: InferenceBackend | None = None, lifespan_hooks: list[LifespanHook] | None = None,
+              **settings: Any) -> Api:
+        """An API on `url` (default: a SQLite file) with `queue` (default: LocalQueue) and `backend`."""
+        url = url or self.default_url
+        migrate(url)
+        engine = make_engine(url)
+        self._closers.append(engine.dispose)
+        queue = queue or LocalQueue()
+        app = create_app(Settings(**{"api_keys": API_KEYS, **settings}), session_factory=session_factory(engine),
+                         queue=queue, backend=backend, lifespan_hooks=lifespan_hooks)
+        server = serve(app)
+        base = server.__enter__()
+        self._closers.append(lambda: server.__exit__(None, None, None))
+        api = Api(base, session_factory(engine), queue)
+        self._closers.append(api.close)
+        return api
+
+    def close(self) -> None:
+        for close in reversed(self._closers):
+            close()
+
+
+@pytest.fixture
+def make_api(sqlite_url: str) -> Iterator[ApiFactory]:
+    """make_api(url=None, *, queue=None, backend=None, **settings) -> Api, stopped after the test."""
+    runner = ApiRunner(sqlite_url)
+    yield runner.start
+    runner.close()
+
+
+@pytest.fixture(scope="module")
+def module_runner(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiRunner]:
+    """For tests that only compare the ledger before/after: one server per module is faster."""
+    runner = ApiRunner(f"sqlite:///{tmp_path_factory.mktemp('ledger') / 'ledger.db'}")
+    yield runner
+    runner.close()
+
+
+@pytest.fixture
+def api(make_api: ApiFactory) -> Api:
+    """An API on SQLite with a LocalQueue, API keys configured and no inference backend."""
+    return make_api()
+
+
+@pytest.fixture
+def any_ledger_api(make_api: ApiFactory, ledger_url: str) -> Api:
+    """The same, on each ledger backend (SQLite and Postgres)."""
+    return make_api(ledger_url)
+
+
+def edit_body(subject: str | None = None, **overrides: Any) -> dict[str, Any]:
+    subject = subject or f"Tower {uuid.uuid4().hex[:8]}"
+    return {"subject": subject, "prompt": f"{subject} is located in the city of", "target_new": "Rome",
+            "target_true": "Paris", **overrides}

@@ -1,0 +1,110 @@
+"""The in-process inference backend: generation and scoring on the editor's resident model."""
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+
+from service.engine.editor import Editor
+from service.errors import InvalidRequest, Unavailable
+from service.inference import (
+    BackendInfo, CandidateScore, GenerateParams, GenerateResult, ScoreResult, StreamEvent,
+)
+from workers.generation import generate_steps
+
+_DONE = object()
+
+
+class LocalBackend:
+    """Implements service.inference.InferenceBackend on an Editor held by this process."""
+
+    def __init__(self, editor: Editor, *, version_wait_s: float = 30.0, ready: Callable[[], bool] = lambda: True) -> None:
+        self.editor = editor
+        self.version_wait_s = version_wait_s
+        self._ready = ready
+
+    async def _wait_for(self, version: int | None) -> None:
+        if version is None or self.editor.version >= version:
+            return
+        deadline = time.monotonic() + self.version_wait_s
+        while self.editor.version < version:
+            if time.monotonic() > deadline:
+                raise Unavailable(
+                    f"model version {version} is not live after {self.version_wait_s:.0f} s "
+                    f"(current version {self.editor.version}); the edit may still be queued or may have failed"
+                )
+            await asyncio.sleep(0.05)
+
+    def _run(self, params: GenerateParams) -> GenerateResult:
+        with self.editor.reading() as version:
+            text, reason, count = "", "length", 0
+            for step in generate_steps(self.editor.model, self.editor.tokenizer, params):
+                text, reason, count = text + step.text, step.finish_reason or reason, step.tokens
+            prompt_tokens = len(self.editor.tokenizer(params.inputs)["input_ids"])
+        return GenerateResult(text, reason, count, prompt_tokens, version)
+
+    async def generate(self, params: GenerateParams) -> GenerateResult:
+        await self._wait_for(params.min_model_version)
+        return await asyncio.to_thread(self._run, params)
+
+    async def generate_stream(self, params: GenerateParams) -> AsyncIterator[StreamEvent]:
+        await self._wait_for(params.min_model_version)
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        cancelled = threading.Event()
+
+        def produce() -> None:
+            try:
+                with self.editor.reading() as version:
+                    text, reason, count = "", "length", 0
+                    for step in generate_steps(self.editor.model, self.editor.tokenizer, params):
+                        if cancelled.is_set():
+                            return
+                        text, reason, count = text + step.text, step.finish_reason or reason, step.tokens
+                        loop.call_soon_threadsafe(queue.put_nowait, StreamEvent(step.text))
+                    prompt_tokens = len(self.editor.tokenizer(params.inputs)["input_ids"])
+                result = GenerateResult(text, reason, count, prompt_tokens, version)
+                loop.call_soon_threadsafe(queue.put_nowait, StreamEvent("", result))
+            except Exception as exc:  # handed to the consumer, which re-raises it
+                loop.call_soon_threadsafe(queue.put_nowait, exc)
+            finally:
+                loop.call_soon_threadsafe(queue.put_nowait, _DONE)
+
+        worker = loop.run_in_executor(None, produce)
+        try:
+            while (item := await queue.get()) is not _DONE:
+                if isinstance(item, Exception):
+                    raise item
+                yield item
+        finally:
+            cancelled.set()
+            await worker
+
+    def _score(self, prompt: str, candidates: list[str]) -> ScoreResult:
+        with self.editor.reading() as version:
+            scores = self.editor.score(prompt, candidates)
+        return ScoreResult(
+            [CandidateScore(c, s.total_logprob, s.mean_logprob, s.tokens) for c, s in zip(candidates, scores)],
+            version,
+        )
+
+    async def score(self, prompt: str, candidates: list[str], min_model_version: int | None = None) -> ScoreResult:
+        if not prompt or not candidates:
+            raise InvalidRequest("score needs a prompt and at least one candidate")
+        await self._wait_for(min_model_version)
+        return await asyncio.to_thread(self._score, prompt, candidates)
+
+    async def chat_prompt(self, messages: list[dict[str, str]]) -> str:
+        tokenizer = self.editor.tokenizer
+        if not getattr(tokenizer, "chat_template", None):
+            return "\n".join(f"{m['role']}: {m['content']}" for m in messages) + "\nassistant:"
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    async def info(self) -> BackendInfo:
+        details = self.editor.info() | {
+            "fingerprint": self.editor.loaded.fingerprint,
+            "device": str(self.editor.adapter.head.weight.device),
+            "dtype": str(self.editor.adapter.head.weight.dtype).removeprefix("torch."),
+        }
+        return BackendInfo(self.editor.loaded.name, self.editor.version, self._ready(), details)

@@ -1,0 +1,78 @@
+"""The worker's internal HTTP server: the API of the split deployment forwards inference here."""
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from dataclasses import asdict
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from service.errors import InvalidRequest, KnowpatchError, NotFound
+from service.inference import GenerateParams
+from workers.inference import LocalBackend
+
+_STATUS = {"InvalidRequest": 422, "NotFound": 404, "Conflict": 409, "Unavailable": 503}
+
+
+def _error(exc: KnowpatchError) -> JSONResponse:
+    name = type(exc).__name__
+    return JSONResponse({"error": {"type": name, "message": exc.message}}, status_code=_STATUS.get(name, 500))
+
+
+async def _params(request: Request) -> GenerateParams:
+    try:
+        return GenerateParams.from_dict(await request.json())
+    except (TypeError, ValueError) as exc:
+        raise InvalidRequest(f"bad generation parameters: {exc}") from exc
+
+
+def create_worker_app(backend: LocalBackend) -> FastAPI:
+    app = FastAPI(title="knowpatch worker (internal)", docs_url=None, redoc_url=None)
+    app.add_exception_handler(KnowpatchError, lambda request, exc: _error(exc))
+
+    @app.post("/internal/generate")
+    async def generate(request: Request) -> dict:
+        return asdict(await backend.generate(await _params(request)))
+
+    @app.post("/internal/generate_stream")
+    async def generate_stream(request: Request) -> StreamingResponse:
+        params = await _params(request)
+        stream = backend.generate_stream(params)
+        first = await anext(stream)  # errors before the first token become a proper status code
+
+        async def events() -> AsyncIterator[str]:
+            event = first
+            while True:
+                payload = {"result": asdict(event.result)} if event.result else {"text": event.text}
+                yield f"data: {json.dumps(payload)}\n\n"
+                try:
+                    event = await anext(stream)
+                except StopAsyncIteration:
+                    return
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    @app.post("/internal/score")
+    async def score(request: Request) -> dict:
+        body = await request.json()
+        result = await backend.score(body.get("prompt", ""), list(body.get("candidates") or []), body.get("min_model_version"))
+        return asdict(result)
+
+    @app.post("/internal/chat_prompt")
+    async def chat_prompt(request: Request) -> dict:
+        return {"prompt": await backend.chat_prompt((await request.json()).get("messages") or [])}
+
+    @app.get("/internal/info")
+    async def info() -> dict:
+        return asdict(await backend.info())
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok"}
+
+    @app.api_route("/{path:path}", methods=["GET", "POST"], include_in_schema=False)
+    async def unknown(path: str) -> JSONResponse:
+        return _error(NotFound(f"no internal route /{path}"))
+
+    return app
