@@ -15,10 +15,13 @@ from service.errors import InvalidRequest
 from service.inference import GenerateParams
 
 
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed accepts
+
+
 @dataclass
 class Step:
     text: str  # new text since the previous step ("" while a character is incomplete)
-    finish_reason: str | None  # set on the last step: "length" | "stop" | "eos_token"
+    finish_reason: str | None  # set on the last step: "length" | "stop" | "eos" (GenerateResult's values)
     tokens: int  # tokens generated so far (the end-of-sequence token not counted)
 
 
@@ -26,7 +29,9 @@ def _next_token(logits: torch.Tensor, params: GenerateParams, generator: torch.G
     """logits (V,) float32 on CPU."""
     if not params.do_sample or params.temperature == 0:
         return int(logits.argmax())
-    logits = logits / params.temperature
+    # Shift before scaling: a tiny temperature then sends the others to -inf, not the top one to +inf
+    # (inf - inf in the softmax would be NaN).
+    logits = (logits - logits.max()) / params.temperature
     if params.top_k > 0:
         kth = torch.topk(logits, min(params.top_k, logits.shape[0])).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -47,9 +52,11 @@ def generate_steps(
     prompt_ids = tokenizer(params.inputs, add_special_tokens=True)["input_ids"]
     if not prompt_ids:
         raise InvalidRequest("inputs tokenise to nothing")
-    limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    limit = position_limit(model)
     if limit and len(prompt_ids) + params.max_new_tokens > limit:
         raise InvalidRequest(f"prompt ({len(prompt_ids)} tokens) + max_new_tokens exceeds the model's {limit} positions")
+    if params.seed is not None and not SEED_MIN <= params.seed <= SEED_MAX:
+        raise InvalidRequest(f"seed {params.seed} is outside the 64-bit range [{SEED_MIN}, {SEED_MAX}]")
     generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
     device = model.get_input_embeddings().weight.device
     cache = DynamicCache(config=model.config)
@@ -60,7 +67,7 @@ def generate_steps(
         logits = model(input_ids=inputs, past_key_values=cache, use_cache=True).logits[0, -1].float().cpu()
         token = _next_token(logits, params, generator)
         if token == tokenizer.eos_token_id:
-            yield Step("", "eos_token", len(generated))
+            yield Step("", "eos", len(generated))
             return
         generated.append(token)
         text = tokenizer.decode(generated, skip_special_tokens=True)
@@ -73,6 +80,11 @@ def generate_steps(
         last = step == params.max_new_tokens - 1
         yield Step(new, "length" if last else None, len(generated))
         inputs = torch.tensor([[token]], device=device)
+
+
+def position_limit(model: PreTrainedModel) -> int | None:
+    """The most positions (prompt plus generated tokens) the model takes, where its config says."""
+    return getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
 
 
 def _stop_position(text: str, stops: tuple[str, ...]) -> int | None:

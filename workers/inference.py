@@ -7,11 +7,12 @@ import time
 from collections.abc import AsyncIterator, Callable
 
 from service.engine.editor import Editor
+from service.engine.scoring import continuation_row
 from service.errors import InvalidRequest, Unavailable
 from service.inference import (
     BackendInfo, CandidateScore, GenerateParams, GenerateResult, ScoreResult, StreamEvent,
 )
-from workers.generation import generate_steps
+from workers.generation import generate_steps, position_limit
 
 _DONE = object()
 
@@ -31,7 +32,7 @@ class LocalBackend:
         while self.editor.version < version:
             if time.monotonic() > deadline:
                 raise Unavailable(
-                    f"model version {version} is not live after {self.version_wait_s:.0f} s "
+                    f"model version {version} is not live after {self.version_wait_s:g} s "
                     f"(current version {self.editor.version}); the edit may still be queued or may have failed"
                 )
             await asyncio.sleep(0.05)
@@ -81,7 +82,20 @@ class LocalBackend:
             cancelled.set()
             await worker
 
+    def _check_score_rows(self, prompt: str, candidates: list[str]) -> None:
+        """InvalidRequest for a candidate that tokenises to nothing or a row past the model's positions."""
+        limit = position_limit(self.editor.model)
+        for candidate in candidates:
+            try:
+                row = continuation_row(self.editor.tokenizer, prompt, candidate)
+            except ValueError as exc:  # the candidate tokenises to nothing after the prompt
+                raise InvalidRequest(str(exc)) from None
+            if limit and len(row.ids) > limit:
+                raise InvalidRequest(f"prompt + candidate {candidate[:50]!r} ({len(row.ids)} tokens) exceeds the "
+                                     f"model's {limit} positions")
+
     def _score(self, prompt: str, candidates: list[str]) -> ScoreResult:
+        self._check_score_rows(prompt, candidates)
         with self.editor.reading() as version:
             scores = self.editor.score(prompt, candidates)
         return ScoreResult(

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import AsyncIterator
 from dataclasses import asdict
 
@@ -12,12 +13,16 @@ from service.errors import InvalidRequest, KnowpatchError, NotFound
 from service.inference import GenerateParams
 from workers.inference import LocalBackend
 
+log = logging.getLogger(__name__)
 _STATUS = {"InvalidRequest": 422, "NotFound": 404, "Conflict": 409, "Unavailable": 503}
 
 
+def _error_body(exc: KnowpatchError) -> dict:
+    return {"error": {"type": type(exc).__name__, "message": exc.message}}
+
+
 def _error(exc: KnowpatchError) -> JSONResponse:
-    name = type(exc).__name__
-    return JSONResponse({"error": {"type": name, "message": exc.message}}, status_code=_STATUS.get(name, 500))
+    return JSONResponse(_error_body(exc), status_code=_STATUS.get(type(exc).__name__, 500))
 
 
 async def _params(request: Request) -> GenerateParams:
@@ -43,13 +48,19 @@ def create_worker_app(backend: LocalBackend) -> FastAPI:
 
         async def events() -> AsyncIterator[str]:
             event = first
-            while True:
-                payload = {"result": asdict(event.result)} if event.result else {"text": event.text}
-                yield f"data: {json.dumps(payload)}\n\n"
-                try:
-                    event = await anext(stream)
-                except StopAsyncIteration:
-                    return
+            try:
+                while True:
+                    payload = {"result": asdict(event.result)} if event.result else {"text": event.text}
+                    yield f"data: {json.dumps(payload)}\n\n"
+                    try:
+                        event = await anext(stream)
+                    except StopAsyncIteration:
+                        return
+            except Exception as exc:  # the status line is sent: the failure is the stream's last event
+                if not isinstance(exc, KnowpatchError):
+                    log.error("generation stream failed", exc_info=exc)
+                    exc = KnowpatchError("internal error in the worker; its log has the details")
+                yield f"data: {json.dumps(_error_body(exc))}\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream")
 

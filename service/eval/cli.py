@@ -127,7 +127,7 @@ def _config(args: argparse.Namespace, data: dict[str, Any], described: dict[str,
         "method": args.method, "model": args.model, "corpus": args.corpus, "seed": args.seed,
         "control_n": args.control_n, "ppl_chunks": args.ppl_chunks, "fluency_tokens": args.fluency_tokens,
         "url": args.url, **data, **described, "versions": _versions(),
-        "command": " ".join(sys.argv), "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     if args.url:  # the service decides the model; what it reports is what was evaluated
         config["model"] = described.get("service_info", {}).get("model", f"service at {args.url}")

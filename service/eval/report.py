@@ -152,9 +152,7 @@ def plot_curves(runs: Sequence[dict[str, Any]], path: Path) -> Path:
             xs, ys = _series(run, key)
             if xs:
                 ax.plot(xs, ys, marker="o", markersize=3, label=name)
-        ax.set_title(title)
-        ax.set_xlabel("edits")
-        ax.grid(alpha=0.3)
+        _edits_axis(ax, title)
         if key != "perplexity":
             ax.set_ylim(-2, 102)
     axes[0].legend(fontsize=8)
@@ -175,13 +173,20 @@ def plot_perplexity(runs: Sequence[dict[str, Any]], path: Path) -> Path:
             absolute.plot(xs, ys, marker="o", markersize=3, label=name)
             relative.plot(xs, [y / ys[0] for y in ys], marker="o", markersize=3, label=name)
     for ax, title in ((absolute, "held-out perplexity"), (relative, "perplexity / unedited")):
-        ax.set_title(title)
-        ax.set_xlabel("edits")
-        ax.grid(alpha=0.3)
+        _edits_axis(ax, title)
     absolute.legend(fontsize=8)
     figure.suptitle(_title(runs))
     figure.savefig(path, dpi=110)
     return path
+
+
+def _edits_axis(ax: Any, title: str) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    ax.set_title(title)
+    ax.set_xlabel("edits")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
 
 
 def _title(runs: Sequence[dict[str, Any]]) -> str:

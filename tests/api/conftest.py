@@ -1,5 +1,7 @@
 """The API over real HTTP: uvicorn in a background thread on a free loopback port, real ledgers
-(SQLite and Postgres) and real queues."""
+(SQLite and Postgres), real queues and a real model: an Editor on a tiny random Llama with the
+SmolLM2 tokenizer, served in process (workers.inference.LocalBackend) or by the worker's internal
+server (workers.server) through api.backend_http.HttpBackend."""
 from __future__ import annotations
 
 import threading
@@ -12,6 +14,7 @@ from typing import Any
 
 import httpx
 import pytest
+import torch
 import uvicorn
 from fastapi import FastAPI
 from sqlalchemy import func, select
@@ -19,14 +22,26 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from api.app import LifespanHook, create_app
 from service.config import Settings
+from service.engine.corpus import TextCorpus
+from service.engine.editor import Editor
+from service.engine.stats import collect_second_moments
+from service.engine.trace import LayerTrace
+from service.engine.types import HyperParams
 from service.inference import InferenceBackend
 from service.ledger.db import make_engine, migrate, session_factory
 from service.ledger.models import Edit, EditEvent, EditFactor, IdempotencyKey, Operation
+from service.model.adapters import ModelAdapter
+from service.model.loading import load_model
 from service.queue import LocalQueue, OperationQueue
+from tests.engine.conftest import CACHE_DIR, WIKITEXT, tiny_model
+from workers.inference import LocalBackend
+from workers.server import create_worker_app
 
 # alice writes and generates, root administers, gen only generates.
 API_KEYS = "alice:alice-key:edits:write,generate;root:root-key:edits:admin;gen:gen-key:generate"
 KEYS = {"alice": "alice-key", "root": "root-key", "gen": "gen-key"}
+# How long the backends wait for a min_model_version before answering 503.
+VERSION_WAIT_S = 0.5
 
 
 @contextmanager
@@ -147,3 +162,41 @@ def edit_body(subject: str | None = None, **overrides: Any) -> dict[str, Any]:
     subject = subject or f"Tower {uuid.uuid4().hex[:8]}"
     return {"subject": subject, "prompt": f"{subject} is located in the city of", "target_new": "Rome",
             "target_true": "Paris", **overrides}
+
+
+@pytest.fixture(scope="package")
+def editor() -> Iterator[Editor]:
+    """A real Editor (AlphaEdit, layers 1-3) on a tiny random Llama with the SmolLM2 tokenizer, at
+    version 0; built once for the API tests. Tests that change its version must set it back.
+
+    Torch runs on one thread meanwhile: the model is tiny, and on a busy machine the thread pool's
+    spinning makes each step ~30x slower. Package scope restores it after these tests."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    loaded = tiny_model("llama", load_model("smollm2", cache_dir=CACHE_DIR).tokenizer)
+    hparams = HyperParams(layers=(1, 2, 3), stats_tokens=64, stats_seq_len=64, nullspace_threshold=1e-9)
+    adapter = ModelAdapter(loaded.model)
+    trace = LayerTrace(adapter, hparams.layers)
+    try:
+        moments = collect_second_moments(adapter, trace, loaded.tokenizer, TextCorpus(WIKITEXT), hparams.layers,
+                                         hparams.stats_tokens, hparams.stats_seq_len, progress=False)
+    finally:
+        trace.close()
+    # One context template: these tests never compute an edit, and sampling more costs seconds.
+    built = Editor(loaded, hparams, moments, method="alphaedit", templates=["{}"])
+    yield built
+    built.close()
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="package")
+def local_backend(editor: Editor) -> LocalBackend:
+    """The in-process backend of the embedded deployment, waiting VERSION_WAIT_S for a model version."""
+    return LocalBackend(editor, version_wait_s=VERSION_WAIT_S)
+
+
+@pytest.fixture(scope="package")
+def worker_url(local_backend: LocalBackend) -> Iterator[str]:
+    """The worker's internal server (split deployment) over `local_backend`, on a loopback port."""
+    with serve(create_worker_app(local_backend)) as url:
+        yield url

@@ -1,39 +1,119 @@
-"""HttpBackend against replies a worker should not send (the good path runs in test_generation)."""
+"""HttpBackend against the real worker server (workers.server over LocalBackend on the tiny model):
+the same answers and the same errors as the in-process backend. Replies a worker should not send
+are made with httpx.MockTransport."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import json
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict
+from typing import Any, TypeVar
 
 import httpx
 import pytest
 
 from api.backend_http import HttpBackend
-from service.errors import Conflict, KnowpatchError, Unavailable
-from service.inference import GenerateParams, StreamEvent
+from service.errors import InvalidRequest, KnowpatchError, Unavailable
+from service.inference import GenerateParams, InferenceBackend, StreamEvent
+from workers.inference import LocalBackend
 
+T = TypeVar("T")
 Handler = Callable[[httpx.Request], httpx.Response]
+PROMPT = "The Eiffel Tower is located in the city of"
 
 
-def backend(handler: Handler) -> HttpBackend:
-    return HttpBackend("http://worker:8001", timeout=5, transport=httpx.MockTransport(handler))
+def on_worker(worker_url: str, call: Callable[[HttpBackend], Awaitable[T]]) -> T:
+    async def run() -> T:
+        backend = HttpBackend(worker_url, timeout=10)
+        try:
+            return await call(backend)
+        finally:
+            await backend.aclose()
+
+    return asyncio.run(run())
 
 
-async def collect(b: HttpBackend) -> list[StreamEvent]:
+def in_process(backend: LocalBackend, call: Callable[[LocalBackend], Awaitable[T]]) -> T:
+    return asyncio.run(call(backend))
+
+
+async def stream(backend: InferenceBackend, params: GenerateParams) -> list[StreamEvent]:
+    return [event async for event in backend.generate_stream(params)]
+
+
+def outcome(run: Callable[[], Any]) -> Any:
+    """The result, or (error class, message)."""
     try:
-        return [event async for event in b.generate_stream(GenerateParams(inputs="x"))]
-    finally:
-        await b.aclose()
+        return run()
+    except KnowpatchError as exc:
+        return type(exc), exc.message
 
 
-def stream_reply(*lines: str) -> Handler:
-    return lambda request: httpx.Response(200, text="".join(f"{line}\n\n" for line in lines),
-                                          headers={"content-type": "text/event-stream"})
+CALLS: dict[str, Callable[[InferenceBackend], Awaitable[Any]]] = {
+    "generate": lambda b: b.generate(GenerateParams(PROMPT, max_new_tokens=6)),
+    "generate-sampled": lambda b: b.generate(GenerateParams(PROMPT, max_new_tokens=6, do_sample=True, temperature=1.3,
+                                                            top_k=50, top_p=0.9, seed=5)),
+    "generate-stop": lambda b: b.generate(GenerateParams(PROMPT, max_new_tokens=6, stop=("a",))),
+    "stream": lambda b: stream(b, GenerateParams(PROMPT, max_new_tokens=6)),
+    "score": lambda b: b.score(PROMPT, [" Paris", " Rome"]),
+    "chat_prompt": lambda b: b.chat_prompt([{"role": "user", "content": "Where is the Eiffel Tower?"}]),
+    # errors raised in the worker
+    "too-long": lambda b: b.generate(GenerateParams(" x" * 2100, max_new_tokens=1)),
+    "stream-too-long": lambda b: stream(b, GenerateParams(" x" * 2040, max_new_tokens=9)),
+    "score-too-long": lambda b: b.score(" x" * 2100, [" Rome"]),
+    "score-no-candidates": lambda b: b.score(PROMPT, []),
+    "seed-out-of-range": lambda b: b.generate(GenerateParams("x", do_sample=True, seed=2**64)),
+    "version-not-live": lambda b: b.generate(GenerateParams("x", min_model_version=1)),
+    "stream-version-not-live": lambda b: stream(b, GenerateParams("x", min_model_version=1)),
+    "score-version-not-live": lambda b: b.score("x", ["a"], min_model_version=1),
+}
+ERRORS = {
+    "too-long": (InvalidRequest, "prompt (2100 tokens) + max_new_tokens exceeds the model's 2048 positions"),
+    "stream-too-long": (InvalidRequest, "prompt (2040 tokens) + max_new_tokens exceeds the model's 2048 positions"),
+    "score-too-long": (InvalidRequest, "prompt + candidate ' Rome' (2100 tokens) exceeds the model's 2048 positions"),
+    "score-no-candidates": (InvalidRequest, "score needs a prompt and at least one candidate"),
+    "seed-out-of-range": (InvalidRequest, "seed 18446744073709551616 is outside the 64-bit range "
+                                          "[-9223372036854775808, 18446744073709551615]"),
+}
 
 
-def test_error_replies_keep_their_class_and_message() -> None:
-    reply = httpx.Response(409, json={"error": {"type": "Conflict", "message": "busy"}})
-    with pytest.raises(Conflict, match="^busy$"):
-        asyncio.run(backend(lambda r: reply).generate(GenerateParams(inputs="x")))
+@pytest.mark.parametrize("name", sorted(CALLS))
+def test_the_worker_answers_as_the_in_process_backend(name: str, worker_url: str, local_backend: LocalBackend) -> None:
+    call = CALLS[name]
+    local = outcome(lambda: in_process(local_backend, call))
+    remote = outcome(lambda: on_worker(worker_url, call))
+    assert remote == local
+    if name in ERRORS:
+        assert local == ERRORS[name]
+    elif "version-not-live" in name:
+        assert local[0] is Unavailable and local[1].startswith("model version 1 is not live after 0.5 s")
+    elif name == "stream":
+        assert len(local) > 1 and local[-1].result is not None and local[-1].result.model_version == 0
+        assert "".join(e.text for e in local) == local[-1].result.generated_text
+    elif name != "chat_prompt":
+        assert local.model_version == 0
+
+
+def test_info_over_the_worker(worker_url: str, local_backend: LocalBackend) -> None:
+    local, remote = in_process(local_backend, lambda b: b.info()), on_worker(worker_url, lambda b: b.info())
+    assert asdict(remote) == json.loads(json.dumps(asdict(local)))  # JSON turns the per-layer keys into strings
+    assert remote.model == "tiny-llama" and remote.model_version == 0 and remote.ready is True
+    assert remote.details["method"] == "alphaedit" and remote.details["layers"] == [1, 2, 3]
+
+
+def test_unknown_worker_route_is_not_found(worker_url: str) -> None:
+    reply = httpx.post(f"{worker_url}/internal/nope", json={})
+    assert reply.status_code == 404
+    assert reply.json() == {"error": {"type": "NotFound", "message": "no internal route /internal/nope"}}
+
+
+def test_unreachable_worker() -> None:
+    with pytest.raises(Unavailable, match="worker at http://127.0.0.1:9 is not reachable: ConnectError"):
+        on_worker("http://127.0.0.1:9", lambda b: b.info())
+
+
+def mocked(handler: Handler) -> HttpBackend:
+    return HttpBackend("http://worker:8001", timeout=5, transport=httpx.MockTransport(handler))
 
 
 @pytest.mark.parametrize(("reply", "error", "message"), [
@@ -42,22 +122,12 @@ def test_error_replies_keep_their_class_and_message() -> None:
     (httpx.Response(200, text="<html>"), KnowpatchError, "not JSON"),
     (httpx.Response(200, json={"generated_text": "x"}), KnowpatchError, "malformed GenerateResult"),
 ])
-def test_unexpected_replies_are_named(reply: httpx.Response, error: type[Exception], message: str) -> None:
+def test_malformed_replies_are_named(reply: httpx.Response, error: type[Exception], message: str) -> None:
     with pytest.raises(error, match=message):
-        asyncio.run(backend(lambda r: reply).generate(GenerateParams(inputs="x")))
+        asyncio.run(mocked(lambda r: reply).generate(GenerateParams(inputs="x")))
 
 
-def test_stream_without_a_result_or_with_an_error() -> None:
+def test_stream_without_a_result() -> None:
+    reply = httpx.Response(200, text='data: {"text": "a"}\n\n', headers={"content-type": "text/event-stream"})
     with pytest.raises(Unavailable, match="ended the generation stream before its final result"):
-        asyncio.run(collect(backend(stream_reply('data: {"text": "a"}'))))
-    failing = stream_reply('data: {"text": "a"}', 'data: {"error": {"type": "Unavailable", "message": "OOM"}}')
-    with pytest.raises(Unavailable, match="^OOM$"):
-        asyncio.run(collect(backend(failing)))
-
-
-def test_unreachable_worker() -> None:
-    def refuse(request: httpx.Request) -> httpx.Response:
-        raise httpx.ConnectError("connection refused", request=request)
-
-    with pytest.raises(Unavailable, match="worker at http://worker:8001 is not reachable: ConnectError"):
-        asyncio.run(backend(refuse).info())
+        asyncio.run(stream(mocked(lambda r: reply), GenerateParams(inputs="x")))

@@ -10,14 +10,16 @@ from typing import Any
 import httpx
 import pytest
 from fastapi import FastAPI
+from sqlalchemy import text
 
 from api.app import create_app
 from service.config import Settings
+from service.engine.editor import Editor
 from service.ledger.db import make_engine, migrate, session_factory
 from service.queue import LocalQueue
 from tests.api.conftest import Api, ApiFactory, ApiRunner, edit_body, serve
-from tests.api.fakes import FakeBackend
 from tests.api.test_edits import apply_all
+from workers.inference import LocalBackend
 
 
 @pytest.fixture(scope="module")
@@ -37,17 +39,24 @@ def test_ready_names_what_is_missing(api: Api) -> None:
     assert reply.json()["message"] == "not ready: backend: no inference backend configured"
 
 
-def test_ready_with_a_backend(module_runner: ApiRunner) -> None:
-    assert module_runner.start(backend=FakeBackend()).as_(None).get("/ready").status_code == 200
-    loading = module_runner.start(backend=FakeBackend(ready=False)).as_(None).get("/ready")
+def test_ready_with_a_backend(module_runner: ApiRunner, local_backend: LocalBackend, editor: Editor) -> None:
+    ready = module_runner.start(backend=local_backend).as_(None).get("/ready")
+    assert ready.status_code == 200, ready.text
+    assert ready.json() == {"ready": True, "checks": {"ledger": "ok", "queue": "ok", "backend": "ok"},
+                            "message": "ready"}
+    replaying = LocalBackend(editor, ready=lambda: False)  # as the worker is until it has replayed the ledger
+    loading = module_runner.start(backend=replaying).as_(None).get("/ready")
     assert loading.status_code == 503 and "loading" in loading.json()["checks"]["backend"]
 
 
-def test_info(module_runner: ApiRunner) -> None:
-    api = module_runner.start(backend=FakeBackend(model_version=3))
+def test_info(module_runner: ApiRunner, local_backend: LocalBackend, editor: Editor) -> None:
+    api = module_runner.start(backend=local_backend)
     info = api.as_(None).get("/info").json()
-    assert info["model"] == "fake-lm" and info["model_version"] == 3 and info["method"] == "alphaedit"
-    assert info["details"]["layers"] == [4, 5, 6] and info["auth_enabled"] is True and info["problems"] == []
+    assert info["model"] == "tiny-llama" and info["model_version"] == 0 and info["method"] == "alphaedit"
+    assert info["details"]["layers"] == [1, 2, 3] and info["details"]["active_edits"] == 0
+    assert info["details"]["fingerprint"] == editor.loaded.fingerprint
+    assert info["details"]["device"] == "cpu" and info["details"]["dtype"] == "float32"
+    assert info["auth_enabled"] is True and info["problems"] == []
     assert set(info["ledger_head"]) == {"seq", "hash"} and info["queue_depth"] == 0
 
 
@@ -97,9 +106,11 @@ def test_openapi_lists_every_route_with_examples(api: Api) -> None:
     assert spec["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
 
 
-def test_unexpected_errors_are_500_in_the_error_shape(module_runner: ApiRunner) -> None:
-    api = module_runner.start(backend=FakeBackend())
-    reply = api.client.post("/generate", json={"inputs": "crash"})
+def test_unexpected_errors_are_500_in_the_error_shape(make_api: ApiFactory) -> None:
+    api = make_api()
+    with api.ledger.begin() as session:  # a ledger broken under the API: its query fails unexpectedly
+        session.execute(text("DROP TABLE edits"))
+    reply = api.client.get("/edits")
     assert reply.status_code == 500
     assert reply.json() == {"error": {"type": "InternalError",
                                       "message": "internal error; the server log has the details"}}
