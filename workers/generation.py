@@ -64,7 +64,7 @@ def generate_steps(
     generated: list[int] = []
     emitted = ""
     for step in range(params.max_new_tokens):
-        logits = model(input_ids=inputs, past_key_values=cache, use_cache=True).logits[0, -1].float().cpu()
+        logits = model(input_ids=inputs, cache=cache, use_cache=True).logits[0, -1].float().cpu()
         token = _next_token(logits, params, generator)
         if token == tokenizer.eos_token_id:
             yield Step("", "eos", len(generated))

@@ -115,10 +115,15 @@ class LocalBackend:
             return "\n".join(f"{m['role']}: {m['content']}" for m in messages) + "\nassistant:"
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
+    def _info(self) -> BackendInfo:
+        with self.editor.reading() as version:
+            details = self.editor.info() | {
+                "fingerprint": self.editor.loaded.fingerprint,
+                "device": str(self.editor.adapter.head.weight.device),
+                "dtype": str(self.editor.adapter.head.weight.dtype).removeprefix("torch."),
+                "weights_digest": self.editor.weights_digest(),  # sha256 of the edited weights as served
+            }
+        return BackendInfo(self.editor.loaded.name, version, self._ready(), details)
+
     async def info(self) -> BackendInfo:
-        details = self.editor.info() | {
-            "fingerprint": self.editor.loaded.fingerprint,
-            "device": str(self.editor.adapter.head.weight.device),
-            "dtype": str(self.editor.adapter.head.weight.dtype).removeprefix("torch."),
-        }
-        return BackendInfo(self.editor.loaded.name, self.editor.version, self._ready(), details)
+        return await asyncio.to_thread(self._info)
