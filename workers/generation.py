@@ -12,6 +12,7 @@ import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from service.errors import InvalidRequest
+from service.model.adapters import cache_keyword
 from service.inference import GenerateParams
 
 
@@ -63,8 +64,9 @@ def generate_steps(
     inputs = torch.tensor([prompt_ids], device=device)
     generated: list[int] = []
     emitted = ""
+    keyword = cache_keyword(model)
     for step in range(params.max_new_tokens):
-        logits = model(input_ids=inputs, cache=cache, use_cache=True).logits[0, -1].float().cpu()
+        logits = model(input_ids=inputs, use_cache=True, **{keyword: cache}).logits[0, -1].float().cpu()
         token = _next_token(logits, params, generator)
         if token == tokenizer.eos_token_id:
             yield Step("", "eos", len(generated))

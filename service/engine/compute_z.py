@@ -17,7 +17,7 @@ from transformers import PreTrainedTokenizerBase
 from service.engine.prefix_cache import SuffixBatch, split_at_lookup
 from service.engine.prompts import KL_TEMPLATE, Row, contextual, encode_with_subject, pad_rows, teacher_forced_row
 from service.engine.types import EditRequest, HyperParams
-from service.model.adapters import ModelAdapter
+from service.model.adapters import ModelAdapter, cache_keyword
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +152,7 @@ def _run_suffix(tail: torch.nn.Module, batch: SuffixBatch, delta_rows: torch.Ten
     first = batch.hidden[:, :1] + delta_rows[:, None].to(batch.hidden.dtype)
     x = torch.cat([first, batch.hidden[:, 1:]], dim=1)  # (B, S, H)
     out = tail(inputs_embeds=x, attention_mask=batch.mask, position_ids=batch.positions,
-               cache=batch.cache, use_cache=batch.cache is not None)
+               use_cache=batch.cache is not None, **{cache_keyword(tail): batch.cache})
     return out.last_hidden_state
 
 

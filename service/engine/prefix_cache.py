@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from service.model.adapters import cache_keyword
+
 
 class PrefixCache:
     """Minimal cache object: records the prefix pass, then prepends it read-only."""
@@ -78,7 +80,7 @@ def split_at_lookup(tail: torch.nn.Module, hidden: torch.Tensor, lengths: torch.
         prefix_positions = torch.arange(prefix_len, device=device)
         prefix_causal = (prefix_positions[None, :] <= prefix_positions[:, None])[None].expand(batch, -1, -1)
         tail(inputs_embeds=hidden[:, :prefix_len], attention_mask=additive_mask(prefix_causal, dtype),
-             position_ids=prefix_positions[None].expand(batch, -1), cache=cache, use_cache=True)
+             position_ids=prefix_positions[None].expand(batch, -1), use_cache=True, **{cache_keyword(tail): cache})
         cache.recording = False
         allowed_prefix = (prefix_positions[None, :] < lookups[:, None])[:, None, :].expand(-1, suffix_len, -1)
         allowed_suffix = torch.cat([allowed_prefix, allowed_suffix], dim=2)

@@ -47,9 +47,12 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
     data.add_argument("--n", type=int, default=500, help="cases, the first n editable ones in file order (500)")
     data.add_argument("--knowns", type=Path, help=f"control facts (default {DEFAULT_PATHS['knowns'].name})")
     data.add_argument("--control-n", type=int, default=100, help="control facts used, spread over the file (100)")
+    data.add_argument("--control-tokens", type=int, default=8,
+                      help="greedy tokens of each control prompt that must stay unchanged (8)")
     data.add_argument("--ppl-text", type=Path, help="text whose END is the perplexity slice (default WikiText-2)")
     data.add_argument("--ppl-chunks", type=int, default=16, help="perplexity chunks of 192 words (16; 0: none)")
-    data.add_argument("--fluency-tokens", type=int, default=100, help="greedy tokens per fluency generation (100; 0: none)")
+    data.add_argument("--fluency-tokens", type=int, default=100,
+                      help="greedy tokens per fluency generation (100; 0: none)")
     protocol = p.add_argument_group("protocol")
     protocol.add_argument("--batch-size", type=int, default=50, help="edits per batch (50)")
     protocol.add_argument("--checkpoint-every", type=int, default=0,
@@ -95,6 +98,15 @@ def _inputs(args: argparse.Namespace) -> tuple[EvalInputs, dict[str, str]]:
     return EvalInputs(loaded.cases, knowns, heldout), {"data": str(loaded.path), "skipped": loaded.skipped}
 
 
+def _device(name: str) -> str:
+    """The command's default, "auto": the first CUDA device if there is one."""
+    if name != "auto":
+        return name
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def _open_backend(args: argparse.Namespace, inputs: EvalInputs) -> tuple[Backend, dict[str, float]]:
     if args.url:
         from service.eval.remote import HttpBackend
@@ -105,8 +117,8 @@ def _open_backend(args: argparse.Namespace, inputs: EvalInputs) -> tuple[Backend
     overrides = {"stats_tokens": args.stats_tokens, "nullspace_threshold": args.nullspace_threshold,
                  "nullspace_energy": args.nullspace_energy, "layers": args.layers, "v_lr": args.v_lr,
                  "v_num_grad_steps": args.v_steps}
-    setup = LocalSetup(args.model, args.device, args.dtype, args.cache_dir, args.method, args.corpus, args.seed,
-                       {k: v for k, v in overrides.items() if v is not None})
+    setup = LocalSetup(_device(args.device), args.model, args.dtype, args.cache_dir, args.method, args.corpus,
+                       args.seed, {k: v for k, v in overrides.items() if v is not None})
     editor, timings = open_editor(setup, inputs.heldout, progress=not args.quiet)
     return LocalBackend(editor), timings
 
@@ -125,9 +137,10 @@ def _config(args: argparse.Namespace, data: dict[str, Any], described: dict[str,
     config = {
         "dataset": args.dataset, "n": args.n, "batch_size": args.batch_size, "checkpoint_every": every,
         "method": args.method, "model": args.model, "corpus": args.corpus, "seed": args.seed,
-        "control_n": args.control_n, "ppl_chunks": args.ppl_chunks, "fluency_tokens": args.fluency_tokens,
-        "url": args.url, **data, **described, "versions": _versions(),
-        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "control_n": args.control_n, "control_tokens": args.control_tokens, "ppl_chunks": args.ppl_chunks,
+        "fluency_tokens": args.fluency_tokens, "url": args.url, **data, **described, "versions": _versions(),
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     if args.url:  # the service decides the model; what it reports is what was evaluated
         config["model"] = described.get("service_info", {}).get("model", f"service at {args.url}")
@@ -139,7 +152,7 @@ def run_eval(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     every = _checkpoint_every(args)
     inputs, data = _inputs(args)
-    settings = ProtocolSettings(args.dataset, args.batch_size, every, args.fluency_tokens)
+    settings = ProtocolSettings(args.dataset, args.batch_size, every, args.fluency_tokens, args.control_tokens)
     backend, setup_timings = _open_backend(args, inputs)
     try:
         results = run_protocol(backend, inputs, settings, progress=not args.quiet)

@@ -13,7 +13,7 @@ import torch
 from service.engine.corpus import Corpus, SelfGeneratedCorpus, TextCorpus
 from service.engine.editor import Editor
 from service.engine.prompts import Row
-from service.engine.scoring import continuation_row, score_rows
+from service.engine.scoring import Score, continuation_row, score_rows
 from service.engine.types import EditRequest, HyperParams, Method, load_hparams
 from service.errors import EditFailed, InvalidRequest
 from service.eval.backend import BatchOutcome, Query, QueryScore
@@ -27,20 +27,14 @@ log = logging.getLogger(__name__)
 class LocalSetup:
     """How to build the editor under evaluation."""
 
+    device: str  # a torch device string; everything runs where the model is
     model: str = "smollm2"
-    device: str = "auto"  # "auto": the first CUDA device if there is one
     dtype: str = "float32"
     cache_dir: Path = Path.home() / ".cache" / "knowpatch"
     method: Method = "alphaedit"
     corpus: str = "self"  # "self" or a text file / folder
     seed: int = 0
     overrides: dict[str, Any] = field(default_factory=dict)  # HyperParams fields
-
-
-def resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
 
 
 def make_corpus(spec: str, loaded: LoadedModel, seed: int) -> Corpus:
@@ -72,7 +66,7 @@ def open_editor(setup: LocalSetup, heldout: HeldOutText | None, progress: bool) 
     """Load the model, collect (or reuse cached) statistics and build the editor; with timings."""
     torch.manual_seed(setup.seed)
     start = time.perf_counter()
-    loaded = load_model(setup.model, device=resolve_device(setup.device), dtype=setup.dtype, cache_dir=setup.cache_dir)
+    loaded = load_model(setup.model, device=setup.device, dtype=setup.dtype, cache_dir=setup.cache_dir)
     loaded_at = time.perf_counter()
     hparams = hyperparameters(setup)
     corpus = make_corpus(setup.corpus, loaded, setup.seed)
@@ -105,7 +99,7 @@ class LocalBackend:
     kind = "local"
 
     def __init__(self, editor: Editor, max_batch_tokens: int = 8192, max_target_tokens: int = 1024,
-                 generate_batch_size: int = 32) -> None:
+                 generate_batch_size: int = 64) -> None:
         self.editor = editor
         self.tokenizer = editor.tokenizer
         self.max_batch_tokens = max_batch_tokens
@@ -127,7 +121,7 @@ class LocalBackend:
         return BatchOutcome(len(requests), True, None, self.version, timings, list(update.steps),
                             [float(x) for x in update.target_nll])
 
-    def _score_rows(self, rows: Sequence[Row]) -> list:
+    def _score_rows(self, rows: Sequence[Row]) -> list[Score]:
         scores = []
         with self.editor.reading():
             for chunk in _chunks(rows, self.max_batch_tokens, self.max_target_tokens):

@@ -74,7 +74,8 @@ class HttpBackend:
 
     def apply(self, requests: Sequence[EditRequest], batch_id: str) -> BatchOutcome:
         start = time.perf_counter()
-        payload = self._call("POST", "/edits", json={"edits": [_request_body(r, self.method, batch_id) for r in requests]})
+        edits = [_request_body(r, self.method, batch_id) for r in requests]
+        payload = self._call("POST", "/edits", json={"edits": edits})
         ids = _edit_ids(payload)
         submitted = time.perf_counter()
         records = self._wait(ids)
@@ -82,7 +83,8 @@ class HttpBackend:
         versions = [r["model_version"] for r in records if r.get("model_version") is not None]
         if versions:
             self.min_version = max([self.min_version or 0, *versions])
-        failed = [f"{i}: {r.get('status')}: {r.get('error')}" for i, r in zip(ids, records) if r.get("status") != "applied"]
+        failed = [f"{i}: {r.get('status')}: {r.get('error')}"
+                  for i, r in zip(ids, records) if r.get("status") != "applied"]
         error = "; ".join(failed) or None
         if error:
             log.warning("batch %s: %d of %d edits not applied: %s", batch_id, len(failed), len(ids), error)
@@ -100,7 +102,8 @@ class HttpBackend:
                         records[edit_id] = record
             if len(records) < len(ids):
                 if time.monotonic() > deadline:
-                    raise Unavailable(f"edits {sorted(set(ids) - set(records))} not finished after {self.edit_timeout_s} s")
+                    missing = sorted(set(ids) - set(records))
+                    raise Unavailable(f"edits {missing} not finished after {self.edit_timeout_s} s")
                 time.sleep(self.poll_interval_s)
         return [records[i] for i in ids]
 
@@ -132,7 +135,8 @@ class HttpBackend:
         return [None] * len(queries)
 
     def _generate_one(self, prompt: str, max_new_tokens: int) -> str:
-        body = self._at_version({"inputs": prompt, "parameters": {"max_new_tokens": max_new_tokens, "do_sample": False}})
+        parameters = {"max_new_tokens": max_new_tokens, "do_sample": False}
+        body = self._at_version({"inputs": prompt, "parameters": parameters})
         return self._call("POST", "/generate", json=body)["generated_text"]
 
     def generate(self, prompts: Sequence[str], max_new_tokens: int) -> list[str]:

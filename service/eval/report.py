@@ -104,8 +104,10 @@ def timings_table(runs: Sequence[dict[str, Any]]) -> str:
     lines = ["| run | device | batches | editing (s) | per edit (s) | total wall (s) |", "|---|---|---|---|---|---|"]
     for run, name in zip(runs, labels(runs)):
         t, n = run.get("timings", {}), max(1, run["final"].get("cases", 1))
-        lines.append(f"| {name} | {run.get('config', {}).get('device', 'n/a')} | {len(run.get('batches', []))} | "
-                     f"{_cell(t.get('editing_s'))} | {_cell(t.get('editing_s', 0) / n, 2)} | {_cell(t.get('total_s'))} |")
+        device, batches = run.get("config", {}).get("device", "n/a"), len(run.get("batches", []))
+        per_edit = t.get("editing_s", 0) / n
+        lines.append(f"| {name} | {device} | {batches} | {_cell(t.get('editing_s'))} | {_cell(per_edit, 2)} | "
+                     f"{_cell(t.get('total_s'))} |")
     return "\n".join(lines) + "\n"
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from statistics import fmean
 from typing import Any
@@ -77,50 +77,76 @@ def _batch_record(index: int, first_case: int, outcome: BatchOutcome, seconds: f
     return record
 
 
-def run_protocol(backend: Backend, inputs: EvalInputs, settings: ProtocolSettings, progress: bool = True) -> dict[str, Any]:
+class _Protocol:
+    """The state of one run: batches applied so far, checkpoints, timings."""
+
+    def __init__(self, backend: Backend, inputs: EvalInputs, settings: ProtocolSettings) -> None:
+        self.backend, self.settings, self.cases = backend, settings, list(inputs.cases)
+        self.score = _Scorer(backend, inputs, settings)
+        self.timings: dict[str, float] = {"checkpoint_eval_s": 0.0}
+        self.checkpoints: list[dict[str, Any]] = []
+        self.batches: list[dict[str, Any]] = []
+        self.applied = 0
+
+    def timed(self, name: str, fn: Callable[[], Any]) -> Any:
+        start = time.perf_counter()
+        try:
+            return fn()
+        finally:
+            self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
+
+    def baseline(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        self.score.take_references()
+        return self.score(self.cases, fluency=True)
+
+    def edit_all(self, progress: bool) -> None:
+        """Every batch in order; a checkpoint at the first batch boundary at or past each k edits."""
+        every, size = self.settings.checkpoint_every, self.settings.batch_size
+        due = every or len(self.cases) + 1
+        desc = f"{self.backend.kind} {self.settings.dataset}"
+        with tqdm(total=len(self.cases), unit="edit", desc=desc, disable=not progress) as bar:
+            for index, first in enumerate(range(0, len(self.cases), size)):
+                edited = self._apply(index, first)
+                bar.update(edited - first)
+                bar.set_postfix(batch_s=f"{self.batches[-1]['seconds']:.1f}", failed=edited - self.applied)
+                if due <= edited < len(self.cases):
+                    self.timed("checkpoint_eval_s", lambda: self._checkpoint(edited))
+                    due = (edited // every + 1) * every
+
+    def _apply(self, index: int, first: int) -> int:
+        batch = self.cases[first : first + self.settings.batch_size]
+        start = time.perf_counter()
+        outcome = self.backend.apply([c.request() for c in batch], batch_id=f"eval-{index:05d}")
+        self.batches.append(_batch_record(index, first, outcome, time.perf_counter() - start))
+        self.applied += len(batch) if outcome.applied else 0
+        return first + len(batch)
+
+    def _checkpoint(self, edited: int) -> None:
+        summary, _ = self.score(self.cases[:edited], fluency=False)
+        self.checkpoints.append({"edits": edited, "applied": self.applied, **summary})
+        log.info("checkpoint at %d edits: %s", edited, _headline(summary))
+
+
+def run_protocol(backend: Backend, inputs: EvalInputs, settings: ProtocolSettings,
+                 progress: bool = True) -> dict[str, Any]:
     """Baseline, sequential edits with checkpoints, final scores. Returns the results (no config)."""
-    cases, every = list(inputs.cases), settings.checkpoint_every
-    score = _Scorer(backend, inputs, settings)
-    timings: dict[str, float] = {"checkpoint_eval_s": 0.0}
+    run = _Protocol(backend, inputs, settings)
     start = time.perf_counter()
-    score.take_references()
-    baseline, baseline_details = score(cases, fluency=True)
-    timings["baseline_eval_s"] = time.perf_counter() - start
-    checkpoints = [{"edits": 0, "applied": 0, **baseline}]
-    batches: list[dict[str, Any]] = []
-    next_checkpoint, applied = every or len(cases) + 1, 0
-    editing_start = time.perf_counter()
-    with tqdm(total=len(cases), unit="edit", desc=f"{backend.kind} {settings.dataset}", disable=not progress) as bar:
-        for index, first in enumerate(range(0, len(cases), settings.batch_size)):
-            batch = cases[first : first + settings.batch_size]
-            batch_start = time.perf_counter()
-            outcome = backend.apply([c.request() for c in batch], batch_id=f"eval-{index:05d}")
-            batches.append(_batch_record(index, first, outcome, time.perf_counter() - batch_start))
-            applied += len(batch) if outcome.applied else 0
-            edited = first + len(batch)
-            bar.update(len(batch))
-            bar.set_postfix(batch_s=f"{batches[-1]['seconds']:.1f}", failed=edited - applied)
-            if edited >= next_checkpoint and edited < len(cases):
-                checkpoint_start = time.perf_counter()
-                summary, _ = score(cases[:edited], fluency=False)
-                checkpoints.append({"edits": edited, "applied": applied, **summary})
-                timings["checkpoint_eval_s"] += time.perf_counter() - checkpoint_start
-                log.info("checkpoint at %d edits: %s", edited, _headline(summary))
-                next_checkpoint = (edited // every + 1) * every
-    timings["editing_s"] = time.perf_counter() - editing_start - timings["checkpoint_eval_s"]
-    final_start = time.perf_counter()
-    final, final_details = score(cases, fluency=True)
-    timings["final_eval_s"] = time.perf_counter() - final_start
-    timings["protocol_s"] = time.perf_counter() - start
-    checkpoints.append({"edits": len(cases), "applied": applied, **final})
+    baseline, baseline_details = run.timed("baseline_eval_s", run.baseline)
+    run.checkpoints.append({"edits": 0, "applied": 0, **baseline})
+    run.timed("editing_s", lambda: run.edit_all(progress))
+    run.timings["editing_s"] -= run.timings["checkpoint_eval_s"]
+    final, final_details = run.timed("final_eval_s", lambda: run.score(run.cases, fluency=True))
+    run.checkpoints.append({"edits": len(run.cases), "applied": run.applied, **final})
+    run.timings["protocol_s"] = time.perf_counter() - start
     return {
         "baseline": baseline,
         "final": final,
-        "checkpoints": checkpoints,
-        "batches": batches,
-        "edits_applied": applied,
-        "edits_failed": len(cases) - applied,
-        "timings": timings,
+        "checkpoints": run.checkpoints,
+        "batches": run.batches,
+        "edits_applied": run.applied,
+        "edits_failed": len(run.cases) - run.applied,
+        "timings": run.timings,
         "case_results": {"baseline": baseline_details, "final": final_details},
     }
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -44,6 +45,11 @@ def architecture_for(model_type: str) -> Architecture:
         raise UnsupportedArchitecture(
             f"model_type {model_type!r} is not supported; supported architectures: {supported}"
         ) from None
+
+
+def cache_keyword(module: nn.Module) -> str:
+    """The forward's name for the KV cache: `cache` in recent transformers, `past_key_values` before."""
+    return "cache" if "cache" in inspect.signature(type(module).forward).parameters else "past_key_values"
 
 
 def default_layers(num_layers: int) -> list[int]:

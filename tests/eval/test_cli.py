@@ -22,7 +22,8 @@ def test_layers_accept_lists_and_ranges():
 def test_parser_registers_both_commands_for_the_knowpatch_cli():
     parser = argparse.ArgumentParser()
     add_eval_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["eval", "zsre", "--n", "20", "--batch-size", "10", "--method", "memit", "--layers", "4-6"])
+    args = parser.parse_args(["eval", "zsre", "--n", "20", "--batch-size", "10", "--method", "memit",
+                              "--layers", "4-6"])
     assert (args.dataset, args.n, args.batch_size, args.method, args.layers) == ("zsre", 20, 10, "memit", [4, 5, 6])
     assert args.func.__name__ == "run_eval"
     args = parser.parse_args(["eval-compare", "a", "b", "--out", "c"])

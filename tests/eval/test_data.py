@@ -29,10 +29,11 @@ def test_zsre_maps_alt_to_the_new_target_and_scores_the_loc_question_as_the_refe
 
 
 def test_cases_the_engine_would_refuse_are_left_out_and_counted(tmp_path):
+    common = {"rephrase": "Made by?", "loc": "nq question: q", "loc_ans": "y"}
     records = [
-        {"subject": "A", "src": "Who made A?", "alt": "X", "answers": ["X"], "rephrase": "A by?", "loc": "nq question: q", "loc_ans": "y"},
-        {"subject": "B", "src": "Who made B?", "alt": "Y", "answers": ["Z"], "rephrase": "B by?", "loc": "nq question: q", "loc_ans": "y"},
-        {"subject": "C", "src": "Who made C?"},
+        {"subject": "A", "src": "Who made A?", "alt": "X", "answers": ["X"], **common},  # new == true
+        {"subject": "B", "src": "Who made B?", "alt": "Y", "answers": ["Z"], **common},
+        {"subject": "C", "src": "Who made C?"},  # fields missing
     ]
     path = tmp_path / "zsre.json"
     path.write_text(json.dumps(records))

@@ -12,8 +12,10 @@ from service.eval.data import DEFAULT_PATHS, load_heldout
 from service.eval.local import LocalBackend, LocalSetup, _chunks, check_heldout_disjoint, open_editor
 
 CACHE_DIR = Path.home() / ".cache" / "knowpatch"
-QUERIES = [Query("The capital of France is", "Paris"), Query("The Eiffel Tower is located in", "Rome"),
-           Query("Danielle Darrieux's mother tongue is", "French"), Query("Lionel Messi plays", "football for Barcelona")]
+QUERIES = [
+    Query("The capital of France is", "Paris"), Query("The Eiffel Tower is located in", "Rome"),
+    Query("Danielle Darrieux's mother tongue is", "French"), Query("Lionel Messi plays", "football for Barcelona"),
+]
 
 
 def test_chunks_bound_padded_and_target_tokens():

@@ -1,0 +1,706 @@
+"""Service load on the embedded deployment, measured over HTTP only: edits/minute through the queue
+at worker batch sizes 1 and 8, /generate latency and tokens/s at 1 and 8 clients on the base and the
+patched model, rollback latency, and restart time (process start -> /ready 200) against ledger size.
+Prints a table; the last line is one JSON object.
+
+    .venv/bin/python bench/service_load.py [--edits-b1 8] [--edits-b8 16] [--patched-edits 100]
+                                           [--requests 24] [--rollbacks 3] [--quick]
+    .venv/bin/python bench/service_load.py --url http://127.0.0.1:8000   # HTTP-only parts, on a running service
+
+Without --url it starts its own `python -m knowpatch serve` processes (temp KNOWPATCH_DATA_DIR,
+WikiText-2 corpus, 20k statistics tokens): one at KNOWPATCH_BATCH_SIZE=1, one at 8, then one per
+restart measurement. The restart ledgers of 100 and 1000 edits are SYNTHETIC (random rank-one
+factors written through the real ledger functions by bench/_ledger_fill.py; see there): replay
+verifies them exactly like real ones, but no real edit computation produced them. The real ledger
+of the batch-8 phase is restarted too, as a cross-check.
+"""
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+CORPUS = DATA / "corpus" / "wikitext2_raw_test.txt"
+COUNTERFACT = DATA / "counterfact" / "counterfact-train.json"
+
+START_TIMEOUT_S = 900  # a first start may convert the model and compute statistics
+POLL_S = 0.25  # edit status polling
+ROLLBACK_POLL_S = 0.05
+GENERATE_TIMEOUT_S = 300
+MAX_NEW_TOKENS = 32
+TERMINAL = {"applied", "failed", "cancelled", "rolled_back"}
+PROMPTS = [  # fixed, unrelated to the CounterFact subjects edited here
+    "The capital of France is",
+    "Water boils at a temperature of",
+    "The largest planet in the solar system is",
+    "A healthy breakfast usually includes",
+    "The theory of relativity was developed by",
+    "In the morning, the old fisherman",
+    "The main ingredient of bread is",
+    "The most spoken language in the world is",
+]
+REPLAYED_RE = re.compile(r"replayed (\d+) active edits \((\d+) operations verified\) to version (\d+) in ([0-9.]+) s")
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def check_loopback(url: str) -> str:
+    host = urlsplit(url).hostname or ""
+    ok = host == "localhost"
+    if not ok:
+        try:
+            ok = ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            ok = False
+    if not ok:
+        raise SystemExit(f"--url must point at a loopback address (127.0.0.1, ::1, localhost), got {url!r}")
+    return url.rstrip("/")
+
+
+def http_client(url: str, timeout: float = 60) -> httpx.Client:
+    return httpx.Client(base_url=url, timeout=timeout, trust_env=False)  # no proxies for loopback
+
+
+class Service:
+    """One `python -m knowpatch serve` subprocess on a free loopback port, output in a log file."""
+
+    threads: int | None = None  # --service-threads: OMP/MKL threads of the services (None: their default)
+
+    def __init__(self, name: str, data_dir: Path, batch_size: int, logs: Path) -> None:
+        self.name, self.data_dir, self.batch_size = name, data_dir, batch_size
+        self.started_at: float | None = None  # wall clock (time.time) of the process start
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = logs / f"{name}.log"
+        self.proc: subprocess.Popen | None = None
+        self.ready_s: float | None = None
+
+    def env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("KNOWPATCH_")}
+        env.update({
+            "KNOWPATCH_DATA_DIR": str(self.data_dir),
+            "KNOWPATCH_CORPUS": str(CORPUS),
+            "KNOWPATCH_STATS_TOKENS": "20000",
+            "KNOWPATCH_BATCH_SIZE": str(self.batch_size),
+            "KNOWPATCH_VERSION_WAIT_S": "120",
+            "PYTHONUNBUFFERED": "1",
+        })
+        if self.threads:
+            env.update({"OMP_NUM_THREADS": str(self.threads), "MKL_NUM_THREADS": str(self.threads)})
+        return env
+
+    def start(self, timeout_s: float = START_TIMEOUT_S) -> "Service":
+        """Start and wait for /ready 200; ready_s = seconds from process start to that answer."""
+        out = self.log.open("ab")
+        try:
+            started = time.monotonic()
+            self.started_at = time.time()
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "knowpatch", "serve", "--host", "127.0.0.1", "--port", str(self.port)],
+                cwd=str(ROOT), env=self.env(), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        finally:
+            out.close()
+        deadline = started + timeout_s
+        with http_client(self.url, timeout=5) as client:
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"{self.name}: knowpatch serve exited with {self.proc.returncode}:\n{self.tail()}")
+                try:
+                    if client.get("/ready").status_code == 200:
+                        self.ready_s = time.monotonic() - started
+                        return self
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.05)
+        raise RuntimeError(f"{self.name}: not ready after {timeout_s} s:\n{self.tail()}")
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=30)
+
+    def replay_line(self) -> dict | None:
+        """The worker's 'replayed N active edits ... in X s' log line of the latest start."""
+        found = REPLAYED_RE.findall(self.log.read_text(errors="replace"))
+        if not found:
+            return None
+        edits, ops, version, seconds = found[-1]
+        return {"edits": int(edits), "operations": int(ops), "version": int(version), "replay_s": float(seconds)}
+
+    def startup(self) -> dict:
+        """Where the start-up went, from the log's timestamps: model load, statistics + null spaces
+        (eigendecompositions), context templates (generated text), replay, HTTP up."""
+        text = self.log.read_text(errors="replace")
+        marks = {}
+        for key, pattern in (("model", r"model \S+ loaded"), ("nullspace", r"null space keeps"),
+                             ("replayed", r"replayed \d+ active edits")):
+            stamps = [m.group(1) for m in re.finditer(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) .*" + pattern,
+                                                      text, re.MULTILINE)]
+            if stamps:
+                marks[key] = time.mktime(time.strptime(stamps[-1][:19], "%Y-%m-%d %H:%M:%S")) + int(stamps[-1][20:]) / 1000
+        replay = self.replay_line()
+        if self.started_at is None or self.ready_s is None or len(marks) < 3 or replay is None:
+            return {}
+        t0 = self.started_at
+        return {
+            "load_model_s": marks["model"] - t0,
+            "stats_nullspace_s": marks["nullspace"] - marks["model"],
+            "templates_s": marks["replayed"] - replay["replay_s"] - marks["nullspace"],
+            "replay_s": replay["replay_s"],
+            "http_up_s": t0 + self.ready_s - marks["replayed"],
+        }
+
+    def tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+
+class Services:
+    """Every service started, so that all of them are stopped whatever happens."""
+
+    def __init__(self, logs: Path) -> None:
+        self.logs = logs
+        self.started: list[Service] = []
+
+    def start(self, name: str, data_dir: Path, batch_size: int) -> Service:
+        service = Service(name, data_dir, batch_size, self.logs)
+        self.started.append(service)
+        return service.start()
+
+    def stop_all(self) -> None:
+        for service in reversed(self.started):
+            try:
+                service.stop()
+            except Exception as exc:  # keep stopping the others
+                print(f"warning: could not stop {service.name}: {exc}", file=sys.stderr)
+
+
+# --------------------------------------------------------------------------- edits
+
+
+def counterfact(start: int, n: int) -> list[dict]:
+    rows = json.loads(COUNTERFACT.read_text())
+    usable = [r for r in rows if r["subject"] and r["subject"] in r["prompt"]]
+    picked = usable[start : start + n]
+    if len(picked) < n:
+        raise SystemExit(f"CounterFact has only {len(usable)} usable rows; asked for {start}+{n}")
+    return [{"subject": r["subject"], "prompt": r["prompt"], "target_new": r["target_new"],
+             "target_true": r["ground_truth"], "metadata": {"bench": "service_load", "case_id": r.get("case_id")}}
+            for r in picked]
+
+
+def post_edits(client: httpx.Client, rows: list[dict], list_size: int) -> list[str]:
+    """One POST per edit (list_size 1) or per list of list_size edits; the ids in order."""
+    ids: list[str] = []
+    if list_size <= 1:
+        for row in rows:
+            r = client.post("/edits", json=row)
+            if r.status_code != 202:
+                raise RuntimeError(f"POST /edits: {r.status_code} {r.text[:300]}")
+            ids.append(r.json()["id"])
+        return ids
+    for i in range(0, len(rows), list_size):
+        r = client.post("/edits", json={"edits": rows[i : i + list_size]})
+        if r.status_code != 202:
+            raise RuntimeError(f"POST /edits (list): {r.status_code} {r.text[:300]}")
+        ids.extend(e["id"] for e in r.json()["edits"])
+    return ids
+
+
+def wait_terminal(client: httpx.Client, ids: list[str], timeout_s: float) -> list[dict]:
+    """Poll GET /edits/{id} for the oldest unfinished edit (they finish in ledger order) until all are
+    terminal; bounded by timeout_s. Returns the final records."""
+    records: list[dict] = []
+    deadline = time.monotonic() + timeout_s
+    i = 0
+    while i < len(ids):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{len(ids) - i} of {len(ids)} edits still unfinished after {timeout_s:.0f} s")
+        r = client.get(f"/edits/{ids[i]}")
+        if r.status_code != 200:
+            raise RuntimeError(f"GET /edits/{ids[i]}: {r.status_code} {r.text[:300]}")
+        record = r.json()
+        if record["status"] in TERMINAL:
+            records.append(record)
+            i += 1
+            continue
+        time.sleep(POLL_S)
+    return records
+
+
+def _ts(value: str) -> float:
+    from datetime import datetime
+    return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+
+
+def edit_throughput(client: httpx.Client, rows: list[dict], list_size: int, timeout_s: float) -> dict:
+    """Post all edits at once, time until every one is applied (or failed)."""
+    started = time.monotonic()
+    ids = post_edits(client, rows, list_size)
+    posted_s = time.monotonic() - started
+    records = wait_terminal(client, ids, timeout_s)
+    elapsed = time.monotonic() - started
+    applied = [r for r in records if r["status"] == "applied"]
+    failed = [r for r in records if r["status"] == "failed"]
+    server_s = None
+    if applied:
+        server_s = max(_ts(r["applied_at"]) for r in applied) - min(_ts(r["created_at"]) for r in records)
+    flips = sum(1 for r in applied if _flipped(r))
+    batches = len({r["batch_id"] for r in applied})
+    return {
+        "edits": len(ids), "applied": len(applied), "failed": len(failed), "batches": batches,
+        "elapsed_s": elapsed, "post_s": posted_s, "server_s": server_s,
+        "edits_per_min": 60 * len(applied) / elapsed if applied else 0.0,
+        "s_per_edit": elapsed / len(applied) if applied else None,
+        "flipped": flips, "ids": [r["id"] for r in applied],
+        "errors": sorted({(r.get("error") or "")[:120] for r in failed}),
+        "last_version": max((r["model_version"] or 0) for r in applied) if applied else None,
+    }
+
+
+def _flipped(record: dict) -> bool:
+    """target_new now more likely than target_true on the edit prompt (from the audit metrics)."""
+    prompt = (record.get("metrics_after") or {}).get("prompt") or {}
+    new, true = prompt.get("target_new"), prompt.get("target_true")
+    return new is not None and true is not None and new > true
+
+
+# --------------------------------------------------------------------------- generation
+
+
+@dataclass
+class LatencyResult:
+    clients: int
+    latencies_s: list[float] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)
+    versions: set[int] = field(default_factory=set)
+    wall_s: float = 0.0
+    errors: list[str] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        lat = sorted(self.latencies_s)
+        per_token = sorted(t / n for t, n in zip(self.latencies_s, self.tokens) if n)
+        return {
+            "clients": self.clients, "requests": len(lat), "errors": len(self.errors),
+            "p50_ms": 1000 * percentile(lat, 50), "p95_ms": 1000 * percentile(lat, 95),
+            "mean_ms": 1000 * statistics.fmean(lat) if lat else None,
+            "tokens_per_s": sum(self.tokens) / self.wall_s if self.wall_s else None,
+            "mean_tokens": statistics.fmean(self.tokens) if self.tokens else None,
+            "ms_per_token_p50": 1000 * percentile(per_token, 50),
+            "model_versions": sorted(self.versions),
+        }
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """Linear interpolation between closest ranks (numpy's default)."""
+    if not values:
+        return None
+    values = sorted(values)
+    pos = (len(values) - 1) * q / 100
+    lo, hi = int(pos), min(int(pos) + 1, len(values) - 1)
+    return values[lo] + (values[hi] - values[lo]) * (pos - lo)
+
+
+def _generate(client: httpx.Client, prompt: str) -> tuple[float, int, int]:
+    body = {"inputs": prompt, "parameters": {"max_new_tokens": MAX_NEW_TOKENS, "do_sample": False}}
+    started = time.perf_counter()
+    r = client.post("/generate", json=body)
+    elapsed = time.perf_counter() - started
+    if r.status_code != 200:
+        raise RuntimeError(f"POST /generate: {r.status_code} {r.text[:300]}")
+    out = r.json()
+    return elapsed, int(out["details"]["generated_tokens"]), int(out["model_version"])
+
+
+def generate_load(url: str, clients: int, requests: int) -> dict:
+    """`requests` greedy /generate calls (rounded up to a multiple of `clients`) from `clients` threads
+    that start together; fixed prompts, max_new_tokens 32. One warm-up call first, not counted."""
+    per_client = max(1, -(-requests // clients))
+    result = LatencyResult(clients)
+    lock = threading.Lock()
+    barrier = threading.Barrier(clients + 1)
+
+    def client_loop(c: int) -> None:
+        with http_client(url, timeout=GENERATE_TIMEOUT_S) as client:
+            try:
+                barrier.wait(timeout=60)
+            except threading.BrokenBarrierError:
+                return
+            for i in range(per_client):
+                prompt = PROMPTS[(i * clients + c) % len(PROMPTS)]
+                try:
+                    elapsed, tokens, version = _generate(client, prompt)
+                except Exception as exc:  # counted, reported
+                    with lock:
+                        result.errors.append(f"{type(exc).__name__}: {exc}")
+                    continue
+                with lock:
+                    result.latencies_s.append(elapsed)
+                    result.tokens.append(tokens)
+                    result.versions.add(version)
+
+    with http_client(url, timeout=GENERATE_TIMEOUT_S) as warm:
+        _generate(warm, PROMPTS[0])
+    threads = [threading.Thread(target=client_loop, args=(c,), daemon=True) for c in range(clients)]
+    for t in threads:
+        t.start()
+    barrier.wait(timeout=60)
+    started = time.perf_counter()
+    for t in threads:
+        t.join(timeout=GENERATE_TIMEOUT_S * per_client + 60)
+    result.wall_s = time.perf_counter() - started
+    if any(t.is_alive() for t in threads):
+        result.errors.append("a client thread did not finish in time")
+    summary = result.summary()
+    if result.errors:
+        summary["first_error"] = result.errors[0]
+    return summary
+
+
+def latency_pair(url: str, requests: int) -> dict[int, dict]:
+    return {clients: generate_load(url, clients, requests) for clients in (1, 8)}
+
+
+# --------------------------------------------------------------------------- rollback
+
+
+def rollback_latency(client: httpx.Client, edit_ids: list[str], timeout_s: float = 300) -> tuple[list[float], list[float]]:
+    """POST /edits/{id}/rollback, then GET every 50 ms until rolled_back; seconds per rollback, as the
+    client saw it and as the server recorded it (rollback_requested event -> rolled_back_at)."""
+    times, server = [], []
+    for edit_id in edit_ids:
+        started = time.monotonic()
+        r = client.post(f"/edits/{edit_id}/rollback", json={"reason": "bench/service_load.py rollback latency"})
+        if r.status_code != 202:
+            raise RuntimeError(f"POST /edits/{edit_id}/rollback: {r.status_code} {r.text[:300]}")
+        deadline = started + timeout_s
+        while True:
+            record = client.get(f"/edits/{edit_id}").json()
+            status = record["status"]
+            if status == "rolled_back":
+                times.append(time.monotonic() - started)
+                asked = [e["at"] for e in record["history"] if e["event"] == "rollback_requested"]
+                if asked and record.get("rolled_back_at"):
+                    server.append(_ts(record["rolled_back_at"]) - _ts(asked[-1]))
+                break
+            if status != "applied" or time.monotonic() > deadline:
+                raise RuntimeError(f"rollback of {edit_id}: status {status} after {time.monotonic() - started:.1f} s")
+            time.sleep(ROLLBACK_POLL_S)
+    return times, server
+
+
+# --------------------------------------------------------------------------- phases
+
+
+def fill_synthetic(specs: list[tuple[Path, int]], env: dict[str, str], log: Path, timeout_s: float = 1800) -> list[dict]:
+    cmd = [sys.executable, str(ROOT / "bench" / "_ledger_fill.py"), "--batch", "8"]
+    for data_dir, n in specs:
+        cmd += ["--ledger", f"{data_dir}:{n}"]
+    with log.open("ab") as err:
+        done = subprocess.run(cmd, cwd=str(ROOT), env=env, stdout=subprocess.PIPE, stderr=err,
+                              stdin=subprocess.DEVNULL, timeout=timeout_s, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"bench/_ledger_fill.py exited with {done.returncode}; see {log}")
+    return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+
+
+def restart_phase(services: Services, work: Path, sizes: list[int], repeats: int, log) -> dict:
+    """Synthetic ledgers of each size; time from process start to /ready 200, interleaved repeats."""
+    specs = [(work / f"synthetic-{n}", n) for n in sizes]
+    env = Service("fill", work, 8, services.logs).env()
+    log(f"filling synthetic ledgers {sizes} ...")
+    filled = fill_synthetic(specs, env, services.logs / "ledger_fill.log")
+    for f in filled:
+        log(f"  synthetic ledger {f['edits']:5d} edits: {f['db_bytes'] / 1e6:.1f} MB, filled in {f['fill_s']} s")
+    times: dict[int, list[float]] = {n: [] for n in sizes}
+    parts: dict[int, list[dict]] = {n: [] for n in sizes}
+    for rep in range(repeats):
+        for data_dir, n in specs:
+            service = services.start(f"restart-{n}-{rep}", data_dir, 8)
+            try:
+                line = service.replay_line()
+                if line is None or line["edits"] != n:
+                    raise RuntimeError(f"restart-{n}: expected a replay of {n} edits, log says {line}")
+                times[n].append(service.ready_s)
+                parts[n].append(service.startup() or {"replay_s": line["replay_s"]})
+                log(f"  restart with {n:5d} synthetic edits: ready in {service.ready_s:.2f} s ({_parts(parts[n][-1])})")
+            finally:
+                service.stop()
+    return {n: {"ready_s": statistics.median(times[n]), "ready_s_all": times[n],
+                **{k: statistics.median(p[k] for p in parts[n]) for k in parts[n][0] if all(k in p for p in parts[n])},
+                "db_mb": next(f["db_bytes"] for f in filled if f["edits"] == n) / 1e6}
+            for n in sizes}
+
+
+STARTUP_PARTS = (("load_model_s", "model"), ("stats_nullspace_s", "stats+null space"), ("templates_s", "templates"),
+                 ("replay_s", "replay"), ("http_up_s", "http"))
+
+
+def _parts(d: dict) -> str:
+    return ", ".join(f"{label} {d[k]:.2f}" for k, label in STARTUP_PARTS if k in d)
+
+
+def http_phases(url: str, args, log, single_posts: bool) -> dict:
+    """Everything measured over HTTP against one service (single_posts: also the batch-1 style edits)."""
+    out: dict = {}
+    with http_client(url) as client:
+        if single_posts:  # --url: single posts on the same service, whatever its batch size
+            log(f"edits through the queue, {args.edits_b1} single POSTs ...")
+            out["b1"] = edit_throughput(client, counterfact(0, args.edits_b1), 1, args.edit_timeout_s)
+        log(f"base /generate latency, {args.requests} requests at 1 and 8 clients ...")
+        out["base"] = latency_pair(url, args.requests)
+        log(f"edits through the queue, {args.edits_b8} edits in lists of 8 ...")
+        out["b8"] = edit_throughput(client, counterfact(1000, args.edits_b8), 8, args.edit_timeout_s)
+        more = max(0, args.patched_edits - out["b8"]["applied"])
+        if more:
+            log(f"applying {more} more edits (lists of 8) to reach {args.patched_edits} patched ...")
+            out["patch_fill"] = edit_throughput(client, counterfact(2000, more), 8, args.edit_timeout_s)
+        applied_ids = out["b8"]["ids"] + out.get("patch_fill", {}).get("ids", [])
+        out["patched_edits"] = len(applied_ids)
+        log(f"patched /generate latency ({len(applied_ids)} edits applied) ...")
+        out["patched"] = latency_pair(url, args.requests)
+        log(f"rollback latency, {args.rollbacks} rollbacks ...")
+        out["rollback_s"], out["rollback_server_s"] = (
+            rollback_latency(client, applied_ids[-args.rollbacks:]) if args.rollbacks else ([], []))
+    return out
+
+
+def run(args) -> dict:
+    results: dict = {"mode": "url" if args.url else "embedded", "args": {
+        k: getattr(args, k) for k in ("edits_b1", "edits_b8", "patched_edits", "requests", "rollbacks",
+                                      "restart_repeats", "service_threads", "quick")}}
+    started = time.monotonic()
+
+    loads = results.setdefault("load1", [])
+
+    def log(msg: str) -> None:  # with the 1-minute load average: other work on the machine skews everything
+        load = os.getloadavg()[0]
+        loads.append(round(load, 2))
+        print(f"[{time.monotonic() - started:7.1f} s, load {load:4.2f}] {msg}", flush=True)
+
+    if args.url:
+        url = check_loopback(args.url)
+        log(f"driving the running service at {url} (its worker batch size is its own; restart not measured)")
+        with http_client(url) as client:
+            if client.get("/ready").status_code != 200:
+                raise SystemExit(f"{url}/ready is not 200")
+        results.update(http_phases(url, args, log, single_posts=True))
+        return results
+
+    work = Path(tempfile.mkdtemp(prefix="knowpatch-bench-"))
+    logs = work / "logs"
+    logs.mkdir()
+    log(f"work folder {work} (service logs in {logs})")
+    services = Services(logs)
+    ok = False
+    try:
+        # batch size 1: single POSTs
+        b1 = services.start("b1", work / "data-b1", 1)
+        log(f"batch-1 service ready in {b1.ready_s:.1f} s; {args.edits_b1} edits, one POST each ...")
+        with http_client(b1.url) as client:
+            results["b1"] = edit_throughput(client, counterfact(0, args.edits_b1), 1, args.edit_timeout_s)
+        b1.stop()
+        # batch size 8: base latency, edits in lists, patched latency, rollbacks
+        b8 = services.start("b8", work / "data-b8", 8)
+        log(f"batch-8 service ready in {b8.ready_s:.1f} s")
+        results.update(http_phases(b8.url, args, log, single_posts=False))
+        b8.stop()
+        # the real ledger of the batch-8 phase, restarted
+        real = services.start("restart-real", work / "data-b8", 8)
+        results["restart_real"] = {"ready_s": real.ready_s, **(real.replay_line() or {}), **real.startup()}
+        log(f"restart with the real ledger ({results['restart_real'].get('edits')} active edits): "
+            f"ready in {real.ready_s:.2f} s")
+        real.stop()
+        # synthetic ledgers
+        results["restart"] = restart_phase(services, work, [0, 100, 1000], args.restart_repeats, log)
+        ok = True
+    finally:
+        services.stop_all()
+        if ok and not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+        else:
+            print(f"kept {work} (logs in {logs})", file=sys.stderr)
+    return results
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _f(x, width: int, nd: int) -> str:
+    return f"{'n/a':>{width}s}" if x is None else f"{x:{width}.{nd}f}"
+
+
+def _r(x, nd=1):
+    return None if x is None else round(x, nd)
+
+
+def report(res: dict) -> dict:
+    base, patched = res["base"], res["patched"]
+    ratio = patched[1]["p50_ms"] / base[1]["p50_ms"] if base[1]["p50_ms"] and patched[1]["p50_ms"] else None
+    ratio8 = patched[8]["p50_ms"] / base[8]["p50_ms"] if base[8]["p50_ms"] and patched[8]["p50_ms"] else None
+    tok_ratio = (patched[1]["ms_per_token_p50"] / base[1]["ms_per_token_p50"]
+                 if base[1]["ms_per_token_p50"] and patched[1]["ms_per_token_p50"] else None)
+    rollback = res.get("rollback_s") or []
+    restart = res.get("restart") or {}
+    lines = []
+    add = lines.append
+    add("")
+    add(f"knowpatch service load ({res['mode']}; SmolLM2-135M, {os.cpu_count()} CPUs, load avg "
+        f"{os.getloadavg()[0]:.2f})")
+    add("-" * 96)
+    for key, label in (("b1", "edits, worker batch 1 (single POSTs)"),
+                       ("b8", "edits, worker batch 8 (lists of 8)"),
+                       ("patch_fill", "edits, filling to the patched state (b8)")):
+        e = res.get(key)
+        if e:
+            add(f"{label:44s} {e['edits_per_min']:7.2f} edits/min   {e['applied']}/{e['edits']} applied, "
+                f"{e['failed']} failed, {e['batches']} batches, {e['elapsed_s']:.1f} s "
+                f"({e['s_per_edit'] or 0:.2f} s/edit), {e['flipped']} flipped")
+    add("")
+    add(f"{'/generate (32 new tokens, greedy)':36s} {'clients':>7s} {'p50 ms':>9s} {'p95 ms':>9s} "
+        f"{'tokens/s':>9s} {'ms/token':>9s} {'tokens':>7s} {'n':>4s} {'versions'}")
+    for name, data in (("base model", base), (f"patched ({res.get('patched_edits')} edits)", patched)):
+        for c in (1, 8):
+            d = data[c]
+            add(f"{name:36s} {c:7d} {_f(d['p50_ms'], 9, 0)} {_f(d['p95_ms'], 9, 0)} {_f(d['tokens_per_s'], 9, 1)} "
+                f"{_f(d['ms_per_token_p50'], 9, 1)} {_f(d['mean_tokens'], 7, 1)} {d['requests']:4d} {d['model_versions']}"
+                + (f"  ERRORS {d['errors']}: {d.get('first_error')}" if d["errors"] else ""))
+    add(f"patched / base p50 latency: {ratio:.3f} at 1 client, {ratio8:.3f} at 8 clients "
+        f"(per token at 1 client: {tok_ratio:.3f})" if ratio and ratio8 and tok_ratio else "patched / base: n/a")
+    add("")
+    if rollback:
+        add(f"rollback (POST -> GET shows rolled_back)   median {1000 * statistics.median(rollback):.0f} ms over "
+            f"{len(rollback)}: {', '.join(f'{1000 * t:.0f}' for t in rollback)} ms (polling every "
+            f"{1000 * ROLLBACK_POLL_S:.0f} ms; server-side "
+            f"{', '.join(f'{1000 * t:.0f}' for t in res.get('rollback_server_s') or [])} ms)")
+    if res.get("restart_real"):
+        rr = res["restart_real"]
+        add(f"restart, real ledger of {rr.get('edits')} active edits ({rr.get('operations')} ops): "
+            f"ready in {rr['ready_s']:.2f} s ({_parts(rr)})")
+    for n, d in sorted(restart.items()):
+        add(f"restart, SYNTHETIC ledger of {n:4d} edits ({d['db_mb']:5.1f} MB): ready in {d['ready_s']:.2f} s, "
+            f"median of {', '.join(f'{t:.2f}' for t in d['ready_s_all'])} ({_parts(d)})")
+    if restart:
+        add("  (the 0/100/1000 restart ledgers are synthetic: random rank-one factors written through the real "
+            "ledger functions, verified by the real replay)")
+    loads = res.get("load1") or []
+    if loads:
+        add(f"1-minute load average during the run: {min(loads):.2f} .. {max(loads):.2f} on {os.cpu_count()} CPUs "
+            "(above the CPU count, other work competed with the service)")
+    add("-" * 96)
+    print("\n".join(lines))
+    b1 = res.get("b1") or {}
+    b8 = res.get("b8") or {}
+    summary = {
+        "edits_per_min_b1": _r(b1.get("edits_per_min"), 2),
+        "edits_per_min_b8": _r(b8.get("edits_per_min"), 2),
+        "generate_p50_ms": _r(base[1]["p50_ms"]),
+        "generate_p95_ms": _r(base[1]["p95_ms"]),
+        "generate_tokens_per_s_1": _r(base[1]["tokens_per_s"], 2),
+        "generate_tokens_per_s_8": _r(base[8]["tokens_per_s"], 2),
+        "generate_p50_ms_8": _r(base[8]["p50_ms"]),
+        "generate_p95_ms_8": _r(base[8]["p95_ms"]),
+        "patched_generate_p50_ms": _r(patched[1]["p50_ms"]),
+        "patched_generate_p95_ms": _r(patched[1]["p95_ms"]),
+        "patched_generate_tokens_per_s_1": _r(patched[1]["tokens_per_s"], 2),
+        "patched_generate_tokens_per_s_8": _r(patched[8]["tokens_per_s"], 2),
+        "patched_over_base_latency_ratio": _r(ratio, 3),
+        "patched_over_base_latency_ratio_8": _r(ratio8, 3),
+        "patched_over_base_ms_per_token_ratio": _r(tok_ratio, 3),
+        "patched_edits": res.get("patched_edits"),
+        "rollback_ms": _r(1000 * statistics.median(rollback)) if rollback else None,
+        "restart_s_0": _r(restart.get(0, {}).get("ready_s"), 2),
+        "restart_s_100": _r(restart.get(100, {}).get("ready_s"), 2),
+        "restart_s_1000": _r(restart.get(1000, {}).get("ready_s"), 2),
+        "rollback_server_ms": _r(1000 * statistics.median(res["rollback_server_s"]))
+        if res.get("rollback_server_s") else None,
+        "replay_s_0": _r(restart.get(0, {}).get("replay_s"), 2),
+        "replay_s_100": _r(restart.get(100, {}).get("replay_s"), 2),
+        "replay_s_1000": _r(restart.get(1000, {}).get("replay_s"), 2),
+        "restart_ledgers_synthetic": bool(restart),
+        "restart_s_real": _r((res.get("restart_real") or {}).get("ready_s"), 2),
+        "restart_real_edits": (res.get("restart_real") or {}).get("edits"),
+        "startup_parts_s_1000": {k: _r(v, 2) for k, v in restart.get(1000, {}).items()
+                                 if k in dict(STARTUP_PARTS)} or None,
+        "load1_max": max(res.get("load1") or [0]),
+        "edits_failed": sum((res.get(k) or {}).get("failed", 0) for k in ("b1", "b8", "patch_fill")),
+        "mode": res["mode"],
+        "args": res["args"],
+    }
+    return summary
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--url", help="drive this running service (loopback only) instead of starting one; "
+                                      "restart is not measured then")
+    parser.add_argument("--edits-b1", type=int, default=8, help="edits at worker batch size 1")
+    parser.add_argument("--edits-b8", type=int, default=16, help="edits at worker batch size 8 (lists of 8)")
+    parser.add_argument("--patched-edits", type=int, default=100,
+                        help="edits applied (at batch size 8, the b8 ones included) before the patched latency")
+    parser.add_argument("--requests", type=int, default=24, help="/generate requests per latency phase")
+    parser.add_argument("--rollbacks", type=int, default=3)
+    parser.add_argument("--restart-repeats", type=int, default=2)
+    parser.add_argument("--edit-timeout-s", type=float, default=None,
+                        help="bound on waiting for one group of edits (default 300 s + 60 s per edit)")
+    parser.add_argument("--service-threads", type=int, default=None,
+                        help="OMP_NUM_THREADS/MKL_NUM_THREADS of the started services (default: torch's own)")
+    parser.add_argument("--quick", action="store_true", help="small numbers, for a smoke run")
+    parser.add_argument("--keep", action="store_true", help="keep the temp folder (ledgers, logs)")
+    args = parser.parse_args()
+    Service.threads = args.service_threads
+    if args.quick:
+        args.edits_b1, args.edits_b8, args.patched_edits = 2, 8, 8
+        args.requests, args.rollbacks, args.restart_repeats = 8, 1, 1
+    for name in ("edits_b1", "edits_b8", "requests"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    args.rollbacks = max(0, min(args.rollbacks, max(args.patched_edits, args.edits_b8)))
+    if args.edit_timeout_s is None:
+        args.edit_timeout_s = 300 + 60 * max(args.edits_b1, args.edits_b8, args.patched_edits)
+    if not args.url and not (CORPUS.exists() and COUNTERFACT.exists()):
+        raise SystemExit(f"missing {CORPUS} or {COUNTERFACT}")
+
+    def on_term(signum, frame):  # turn SIGTERM into an exception, so the finally blocks stop the services
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, on_term)
+    results = run(args)
+    summary = report(results)
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
