@@ -9,10 +9,13 @@ Prints a table; the last line is one JSON object.
 
 Without --url it starts its own `python -m knowpatch serve` processes (temp KNOWPATCH_DATA_DIR,
 WikiText-2 corpus, 20k statistics tokens): one at KNOWPATCH_BATCH_SIZE=1, one at 8, then one per
-restart measurement. The restart ledgers of 100 and 1000 edits are SYNTHETIC (random rank-one
-factors written through the real ledger functions by bench/_ledger_fill.py; see there): replay
-verifies them exactly like real ones, but no real edit computation produced them. The real ledger
-of the batch-8 phase is restarted too, as a cross-check.
+restart measurement. For patched/base latency a base service also runs beside the patched one and
+one client alternates between them, so that other load on the machine hits both alike (the figures
+measured one after the other are reported too). The restart ledgers of 100 and 1000 edits are
+SYNTHETIC (random rank-one factors written through the real ledger functions by
+bench/_ledger_fill.py; see there): replay verifies them exactly like real ones, but no real edit
+computation produced them. The real ledger of the batch-8 phase is restarted too, as a cross-check.
+Other work on the machine skews every figure: the 1-minute load average is logged and reported.
 """
 from __future__ import annotations
 
@@ -389,6 +392,31 @@ def generate_load(url: str, clients: int, requests: int) -> dict:
     return summary
 
 
+def interleaved(base_url: str, patched_url: str, requests: int) -> dict:
+    """One client alternating between a base and a patched service, same prompt for each pair, so that
+    load from other work on the machine hits both alike. Warm-up call on each first."""
+    lat: dict[str, list[float]] = {"base": [], "patched": []}
+    per_token: dict[str, list[float]] = {"base": [], "patched": []}
+    with http_client(base_url, timeout=GENERATE_TIMEOUT_S) as base, \
+            http_client(patched_url, timeout=GENERATE_TIMEOUT_S) as patched:
+        clients = {"base": base, "patched": patched}
+        for client in clients.values():
+            _generate(client, PROMPTS[0])
+        for i in range(requests):
+            order = ("base", "patched") if i % 2 == 0 else ("patched", "base")
+            for name in order:
+                elapsed, tokens, _ = _generate(clients[name], PROMPTS[i % len(PROMPTS)])
+                lat[name].append(elapsed)
+                if tokens:
+                    per_token[name].append(elapsed / tokens)
+    p50 = {k: percentile(v, 50) for k, v in lat.items()}
+    pairs = sorted(p / b for p, b in zip(lat["patched"], lat["base"]))
+    return {"requests": requests, "base_p50_ms": 1000 * p50["base"], "patched_p50_ms": 1000 * p50["patched"],
+            "base_p95_ms": 1000 * percentile(lat["base"], 95), "patched_p95_ms": 1000 * percentile(lat["patched"], 95),
+            "ratio": p50["patched"] / p50["base"], "pair_ratio_median": percentile(pairs, 50),
+            "ms_per_token_ratio": percentile(per_token["patched"], 50) / percentile(per_token["base"], 50)}
+
+
 def latency_pair(url: str, requests: int) -> dict[int, dict]:
     return {clients: generate_load(url, clients, requests) for clients in (1, 8)}
 
@@ -472,7 +500,7 @@ def _parts(d: dict) -> str:
     return ", ".join(f"{label} {d[k]:.2f}" for k, label in STARTUP_PARTS if k in d)
 
 
-def http_phases(url: str, args, log, single_posts: bool) -> dict:
+def http_phases(url: str, args, log, single_posts: bool, base_service=None) -> dict:
     """Everything measured over HTTP against one service (single_posts: also the batch-1 style edits)."""
     out: dict = {}
     with http_client(url) as client:
@@ -491,6 +519,14 @@ def http_phases(url: str, args, log, single_posts: bool) -> dict:
         out["patched_edits"] = len(applied_ids)
         log(f"patched /generate latency ({len(applied_ids)} edits applied) ...")
         out["patched"] = latency_pair(url, args.requests)
+        if base_service is not None:
+            base = base_service()
+            try:
+                log(f"base service ready in {base.ready_s:.1f} s; interleaved base/patched /generate at 1 client, "
+                    f"{args.requests} pairs ...")
+                out["ab"] = interleaved(base.url, url, args.requests)
+            finally:
+                base.stop()
         log(f"rollback latency, {args.rollbacks} rollbacks ...")
         out["rollback_s"], out["rollback_server_s"] = (
             rollback_latency(client, applied_ids[-args.rollbacks:]) if args.rollbacks else ([], []))
@@ -535,7 +571,8 @@ def run(args) -> dict:
         # batch size 8: base latency, edits in lists, patched latency, rollbacks
         b8 = services.start("b8", work / "data-b8", 8)
         log(f"batch-8 service ready in {b8.ready_s:.1f} s")
-        results.update(http_phases(b8.url, args, log, single_posts=False))
+        results.update(http_phases(b8.url, args, log, single_posts=False,
+                                   base_service=lambda: services.start("base", work / "data-base", 8)))
         b8.stop()
         # the real ledger of the batch-8 phase, restarted
         real = services.start("restart-real", work / "data-b8", 8)
@@ -568,7 +605,9 @@ def _r(x, nd=1):
 
 def report(res: dict) -> dict:
     base, patched = res["base"], res["patched"]
-    ratio = patched[1]["p50_ms"] / base[1]["p50_ms"] if base[1]["p50_ms"] and patched[1]["p50_ms"] else None
+    seq_ratio = patched[1]["p50_ms"] / base[1]["p50_ms"] if base[1]["p50_ms"] and patched[1]["p50_ms"] else None
+    ab = res.get("ab")
+    ratio = ab["ratio"] if ab else seq_ratio  # the interleaved comparison where there is one
     ratio8 = patched[8]["p50_ms"] / base[8]["p50_ms"] if base[8]["p50_ms"] and patched[8]["p50_ms"] else None
     tok_ratio = (patched[1]["ms_per_token_p50"] / base[1]["ms_per_token_p50"]
                  if base[1]["ms_per_token_p50"] and patched[1]["ms_per_token_p50"] else None)
@@ -597,8 +636,13 @@ def report(res: dict) -> dict:
             add(f"{name:36s} {c:7d} {_f(d['p50_ms'], 9, 0)} {_f(d['p95_ms'], 9, 0)} {_f(d['tokens_per_s'], 9, 1)} "
                 f"{_f(d['ms_per_token_p50'], 9, 1)} {_f(d['mean_tokens'], 7, 1)} {d['requests']:4d} {d['model_versions']}"
                 + (f"  ERRORS {d['errors']}: {d.get('first_error')}" if d["errors"] else ""))
-    add(f"patched / base p50 latency: {ratio:.3f} at 1 client, {ratio8:.3f} at 8 clients "
-        f"(per token at 1 client: {tok_ratio:.3f})" if ratio and ratio8 and tok_ratio else "patched / base: n/a")
+    add(f"patched / base p50 latency, measured one after the other: {_f(seq_ratio, 0, 3)} at 1 client, "
+        f"{_f(ratio8, 0, 3)} at 8 clients (per token at 1 client: {_f(tok_ratio, 0, 3)})")
+    if ab:
+        add(f"patched / base p50 latency, interleaved (a base service beside the patched one, one client "
+            f"alternating, {ab['requests']} pairs): {ab['ratio']:.3f} (base {ab['base_p50_ms']:.0f} ms, patched "
+            f"{ab['patched_p50_ms']:.0f} ms; median pair ratio {ab['pair_ratio_median']:.3f}, per token "
+            f"{ab['ms_per_token_ratio']:.3f})")
     add("")
     if rollback:
         add(f"rollback (POST -> GET shows rolled_back)   median {1000 * statistics.median(rollback):.0f} ms over "
@@ -637,6 +681,9 @@ def report(res: dict) -> dict:
         "patched_generate_tokens_per_s_1": _r(patched[1]["tokens_per_s"], 2),
         "patched_generate_tokens_per_s_8": _r(patched[8]["tokens_per_s"], 2),
         "patched_over_base_latency_ratio": _r(ratio, 3),
+        "patched_over_base_latency_ratio_source": "interleaved" if ab else "sequential",
+        "patched_over_base_latency_ratio_sequential": _r(seq_ratio, 3),
+        "patched_over_base_pair_ratio_median": _r(ab["pair_ratio_median"], 3) if ab else None,
         "patched_over_base_latency_ratio_8": _r(ratio8, 3),
         "patched_over_base_ms_per_token_ratio": _r(tok_ratio, 3),
         "patched_edits": res.get("patched_edits"),
