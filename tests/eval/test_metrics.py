@@ -1,19 +1,29 @@
-"""The metric definitions on known inputs, and the dataset metrics on a model-free backend."""
+"""The metric definitions on known inputs (no model), and the dataset metrics on the evaluation's
+real in-process backend (a tiny random Llama: the tests check the numbers are the editor's own
+comparisons, not that such a model learns the facts)."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
+from statistics import fmean
 
 import pytest
 
+from service.engine.editor import Editor
 from service.eval import metrics
 from service.eval.backend import Query, QueryScore
-from service.eval.data import EditCase, HeldOutText, KnownFact
-
-from .fakes import FakeBackend
+from service.eval.data import EditCase, HeldOutText, KnownFact, load_cases, load_heldout
+from service.eval.local import LocalBackend
 
 CASE = EditCase("7", "Danielle Darrieux", "The mother tongue of Danielle Darrieux is", "English", "French",
                 ("Danielle Darrieux speaks",), "Léon Blum's mother tongue is", "French")
+ZSRE = EditCase("0", "UniFirst", "What is the product made by UniFirst?", "unmanned aircraft", "uniform",
+                ("What will be the product of UniFirst?",), "nq question: who wrote hamlet?", "Shakespeare")
+COUNTERFACT_KEYS = ["efficacy", "generalisation", "specificity", "efficacy_top1", "generalisation_top1",
+                    "specificity_top1"]
 
+
+# ---- pure functions -------------------------------------------------------------------------------
 
 def test_words_split_punctuation_and_keep_contractions():
     assert metrics.words("Paris, isn't it? 42 km.") == ["Paris", ",", "isn't", "it", "?", "42", "km", "."]
@@ -64,61 +74,140 @@ def test_perplexity_weights_by_tokens():
     assert metrics.perplexity(scores) == pytest.approx(math.exp(3.5))
 
 
-def test_counterfact_metrics_before_and_after_an_edit():
-    backend = FakeBackend()
-    before, details = metrics.counterfact_metrics(backend, [CASE])
-    assert before["efficacy"] == 0.0 and before["generalisation"] == 0.0
-    backend.apply([CASE.request()], "b0")
-    after, details = metrics.counterfact_metrics(backend, [CASE])
-    assert after["efficacy"] == 100.0 and after["generalisation"] == 100.0 and after["efficacy_top1"] == 100.0
-    assert after["specificity"] == before["specificity"]  # another subject: untouched
-    assert details[0]["case_id"] == "7" and len(details[0]["logprob"]["rephrase"]) == 1
-
-
-def test_counterfact_specificity_asks_the_true_answer_to_beat_the_new_target():
-    class Scores:
-        kind = "fixed"
-
-        def score(self, queries):  # the neighbour prefers its true answer (French) to English
-            return [QueryScore(-0.5 if q.continuation == "French" else -3.0, 1, False) for q in queries]
-
-    summary, _ = metrics.counterfact_metrics(Scores(), [CASE])
-    assert summary["specificity"] == 100.0 and summary["efficacy"] == 0.0
-
-
-def test_zsre_metrics_token_accuracy_and_none_top1_over_http_like_backends():
-    case = EditCase("0", "UniFirst", "What is the product made by UniFirst?", "unmanned aircraft", "uniform",
-                    ("What will be the product of UniFirst?",), "nq question: who wrote hamlet?", "Shakespeare")
-
-    class NoArgmax(FakeBackend):
-        def score(self, queries):
-            return [QueryScore(s.total_logprob, s.tokens, None) for s in super().score(queries)]
-
-        def token_accuracy(self, queries):
-            return [None] * len(queries)
-
-    backend = FakeBackend()
-    backend.apply([case.request()], "b0")
-    summary, _ = metrics.zsre_metrics(backend, [case])
-    assert summary["efficacy"] == 100.0 and summary["generalisation"] == 100.0 and summary["specificity"] == 0.0
-    assert summary["efficacy_nll"] == 100.0
-    http_like = NoArgmax()
-    http_like.apply([case.request()], "b0")
-    summary, _ = metrics.zsre_metrics(http_like, [case])
-    assert summary["efficacy"] is None and summary["efficacy_top1"] is None and summary["efficacy_nll"] == 100.0
-
-
 def test_perplexity_queries_score_each_chunk_after_its_first_word():
     heldout = HeldOutText(["alpha beta gamma", "delta epsilon"], 0, None)
     assert metrics.heldout_queries(heldout) == [Query("alpha", "beta gamma"), Query("delta", "epsilon")]
 
 
-def test_control_is_retained_only_where_the_continuation_is_unchanged():
+def _scores(queries: list[Query], means: dict[Query, float], top1: bool | None = None) -> list[QueryScore]:
+    """Two-token scores with the given mean log-probabilities."""
+    return [QueryScore(2 * means[q], 2, top1) for q in queries]
+
+
+def test_counterfact_case_compares_new_and_true_targets_and_the_neighbour_the_other_way():
+    queries = metrics._counterfact_queries(CASE)
+    prompt_new, prompt_true, rephrase_new, rephrase_true, loc_true, loc_new = queries
+    assert queries == [Query(CASE.prompt, "English"), Query(CASE.prompt, "French"),
+                       Query("Danielle Darrieux speaks", "English"), Query("Danielle Darrieux speaks", "French"),
+                       Query("Léon Blum's mother tongue is", "French"), Query("Léon Blum's mother tongue is", "English")]
+    # the edited prompt and its paraphrase prefer the new target; the neighbour still prefers its true answer
+    means = {prompt_new: -1.0, prompt_true: -2.0, rephrase_new: -0.5, rephrase_true: -3.0, loc_true: -0.5, loc_new: -3.0}
+    case = metrics._counterfact_case(CASE, _scores(queries, means, top1=True))
+    assert (case["efficacy"], case["generalisation"], case["specificity"]) == (True, 1.0, True)
+    assert (case["efficacy_top1"], case["generalisation_top1"], case["specificity_top1"]) == (True, 1.0, True)
+    assert case["logprob"] == {"prompt": [-1.0, -2.0], "rephrase": [[-0.5, -3.0]], "locality": [-0.5, -3.0]}
+    # the neighbour drawn to the new target: specificity fails, efficacy does not depend on it
+    means.update({loc_true: -3.0, loc_new: -0.5, rephrase_new: -4.0})
+    case = metrics._counterfact_case(CASE, _scores(queries, means))
+    assert (case["efficacy"], case["generalisation"], case["specificity"]) == (True, 0.0, False)
+    assert case["efficacy_top1"] is None and case["generalisation_top1"] is None  # a backend without argmax
+
+
+def test_zsre_case_uses_token_accuracy_and_is_none_where_a_backend_cannot_tell():
+    accuracy_queries, nll_queries = metrics._zsre_queries(ZSRE)
+    assert accuracy_queries == [Query(ZSRE.prompt, "unmanned aircraft"),
+                                Query("What will be the product of UniFirst?", "unmanned aircraft"),
+                                Query("nq question: who wrote hamlet?", "Shakespeare")]
+    assert nll_queries[-1] == Query("nq question: who wrote hamlet?", "Shakespeare") and len(nll_queries) == 5
+    means = {q: -1.0 if q.continuation == "unmanned aircraft" else -2.0 for q in nll_queries}
+    case = metrics._zsre_case(ZSRE, [0.5, 1.0, 0.0], _scores(nll_queries, means, top1=False))
+    assert (case["efficacy"], case["generalisation"], case["specificity"]) == (0.5, 1.0, 0.0)
+    assert (case["efficacy_nll"], case["generalisation_nll"], case["efficacy_top1"]) == (True, 1.0, False)
+    # over HTTP: no token accuracy and no argmax, only the NLL comparison
+    http = metrics._zsre_case(ZSRE, [None, None, None], _scores(nll_queries, means))
+    assert [http[k] for k in ("efficacy", "generalisation", "specificity", "efficacy_top1")] == [None] * 4
+    assert http["efficacy_nll"] is True
+    assert metrics.rate([http["efficacy"]]) is None and metrics.rate([http["efficacy_nll"]]) == 100.0
+
+
+# ---- on the real in-process backend -------------------------------------------------------------
+
+def _direct_counterfact(editor: Editor, case: EditCase) -> dict:
+    """The case's comparisons from the editor's own scorer, one prompt at a time."""
+    new, true = editor.score(case.prompt, [case.target_new, case.target_true])
+    rephrased = [editor.score(p, [case.target_new, case.target_true]) for p in case.rephrase_prompts]
+    loc_true, loc_new = editor.score(case.locality_prompt, [case.locality_answer, case.target_new])
+    return {
+        "efficacy": new.mean_logprob > true.mean_logprob,
+        "generalisation": fmean(n.mean_logprob > t.mean_logprob for n, t in rephrased),
+        "specificity": loc_true.mean_logprob > loc_new.mean_logprob,
+        "efficacy_top1": new.top1_correct,
+        "generalisation_top1": fmean(n.top1_correct for n, _ in rephrased),
+        "specificity_top1": loc_true.top1_correct,
+        "logprob": {"prompt": [new.mean_logprob, true.mean_logprob],
+                    "rephrase": [[n.mean_logprob, t.mean_logprob] for n, t in rephrased],
+                    "locality": [loc_true.mean_logprob, loc_new.mean_logprob]},
+    }
+
+
+def _flat(logprob: dict) -> list[float]:
+    return [*logprob["prompt"], *(x for pair in logprob["rephrase"] for x in pair), *logprob["locality"]]
+
+
+def _assert_editor_agrees(summary: dict, details: list[dict], cases: list[EditCase], editor: Editor) -> None:
+    for case, detail in zip(cases, details, strict=True):
+        direct = _direct_counterfact(editor, case)
+        assert detail["case_id"] == case.case_id
+        assert {k: detail[k] for k in COUNTERFACT_KEYS} == {k: direct[k] for k in COUNTERFACT_KEYS}, case
+        assert _flat(detail["logprob"]) == pytest.approx(_flat(direct["logprob"]), abs=1e-4)  # batched vs one prompt
+    assert summary == {k: 100 * fmean(float(d[k]) for d in details) for k in COUNTERFACT_KEYS}
+    assert all(0.0 <= summary[k] <= 100.0 for k in COUNTERFACT_KEYS)
+
+
+def test_counterfact_metrics_are_the_editors_comparisons_before_and_after_an_edit(backend: LocalBackend, editor: Editor):
+    cases = [CASE, *load_cases("counterfact", n=3).cases]
+    before, before_details = metrics.counterfact_metrics(backend, cases)
+    _assert_editor_agrees(before, before_details, cases, editor)
+
+    outcome = backend.apply([CASE.request()], "b0")
+    assert outcome.applied and outcome.error is None and outcome.model_version == editor.version == 1
+    assert len(outcome.steps) == len(outcome.target_nll) == 1 and outcome.timings["targets_s"] > 0
+
+    after, after_details = metrics.counterfact_metrics(backend, cases)
+    _assert_editor_agrees(after, after_details, cases, editor)  # scored on the edited model
+    # the edit moved the edited prompt towards its new target
+    assert after_details[0]["logprob"]["prompt"][0] > before_details[0]["logprob"]["prompt"][0]
+
+
+def test_zsre_metrics_on_the_in_process_backend(backend: LocalBackend, editor: Editor):
+    # the model's own greedy answer is right token by token; one more word makes it partly right
+    greedy = backend.generate([ZSRE.prompt], 3)[0].strip()
+    cases = [ZSRE, replace(ZSRE, target_new=greedy), replace(ZSRE, target_new=greedy + " zebra")]
+    summary, details = metrics.zsre_metrics(backend, cases)
+    for case, detail in zip(cases, details, strict=True):
+        new, true = editor.score(case.prompt, [case.target_new, case.target_true])
+        (rephrased_new,) = editor.score(case.rephrase_prompts[0], [case.target_new])
+        (loc,) = editor.score(case.locality_prompt, [case.locality_answer])
+        for key, score in (("efficacy", new), ("generalisation", rephrased_new), ("specificity", loc)):
+            accuracy = detail[key]
+            assert accuracy * score.tokens == pytest.approx(round(accuracy * score.tokens))  # a share of the tokens
+            assert detail[f"{key}_top1"] == (accuracy == 1.0) == score.top1_correct  # exact <=> every token right
+        assert detail["efficacy_nll"] is (new.mean_logprob > true.mean_logprob)
+    assert details[1]["efficacy"] == 1.0 and details[1]["efficacy_top1"] is True
+    assert 0.0 < details[2]["efficacy"] < 1.0 and details[2]["efficacy_top1"] is False
+    for key in ("efficacy", "generalisation", "specificity", "efficacy_top1", "efficacy_nll"):
+        assert summary[key] == pytest.approx(100 * fmean(float(d[key]) for d in details))
+
+
+def test_control_is_retained_only_where_the_continuation_is_unchanged(backend: LocalBackend, editor: Editor):
     facts = [KnownFact(0, "Vinson Massif", "Vinson Massif is located in the continent of", "Antarctica")]
-    backend = FakeBackend()
     references = metrics.control_references(backend, facts, 8)
     summary, details = metrics.control_metrics(backend, facts, references, 8)
-    assert summary["control_retained"] == 100.0 and details[0]["reference"] == details[0]["now"]
+    assert summary["control_retained"] == 100.0 and details[0]["reference"] == details[0]["now"]  # greedy: stable
+    (attribute,) = editor.score(facts[0].prompt, ["Antarctica"])
+    assert details[0]["attribute_top1"] is attribute.top1_correct
+    assert summary["control_top1"] == 100.0 * attribute.top1_correct
     summary, _ = metrics.control_metrics(backend, facts, ["something else"], 8)
     assert summary["control_retained"] == 0.0
     assert metrics.control_metrics(backend, [], [], 8)[0] == {"control_retained": None, "control_top1": None}
+
+
+def test_fluency_and_perplexity_of_the_in_process_backend(backend: LocalBackend, editor: Editor):
+    value, texts = metrics.fluency_metric(backend, [CASE, ZSRE], 12)
+    assert [t[: len(c.prompt)] for t, c in zip(texts, [CASE, ZSRE])] == [CASE.prompt, ZSRE.prompt]
+    assert all(len(t) > len(c.prompt) for t, c in zip(texts, [CASE, ZSRE]))
+    assert value == pytest.approx(metrics.fluency(texts)) and value > 0
+    heldout = load_heldout(chunks=2)
+    direct = [editor.score(q.prompt, [q.continuation])[0] for q in metrics.heldout_queries(heldout)]
+    expected = math.exp(-sum(s.total_logprob for s in direct) / sum(s.tokens for s in direct))
+    assert metrics.perplexity_metric(backend, heldout) == pytest.approx(expected, rel=1e-4) and expected > 1

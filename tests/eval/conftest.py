@@ -1,0 +1,71 @@
+"""Fixtures of the evaluation tests: the evaluation's real in-process backend (service.eval.local.
+LocalBackend) over a real Editor on a tiny random Llama with the SmolLM2 tokenizer.
+
+`editor` is the API tests' fixture (AlphaEdit, layers 1-3, statistics over 64 WikiText tokens, one
+context template, torch on one thread while the package runs), built once for this package.
+`backend` wraps it for one test and reverts that test's edits afterwards through the editor's own
+revert path, so every test starts from the unedited model at version 0. `make_backend` builds
+further real editors (another method, other hyper-parameters) on fresh copies of the same model.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from service.engine.corpus import TextCorpus
+from service.engine.editor import Editor
+from service.engine.stats import collect_second_moments
+from service.engine.trace import LayerTrace
+from service.engine.types import HyperParams, Method
+from service.eval.local import LocalBackend
+from service.model.adapters import ModelAdapter
+from service.model.loading import LoadedModel
+from tests.api.conftest import editor  # noqa: F401  (the shared fixture, re-registered for this package)
+from tests.engine.conftest import WIKITEXT, tiny_model
+
+
+@pytest.fixture
+def backend(editor: Editor) -> Iterator[LocalBackend]:  # noqa: F811
+    """LocalBackend over the shared editor; the test's edits are reverted after it."""
+    digest, version = editor.weights_digest(), editor.version
+    yield LocalBackend(editor)
+    for edit_id in reversed(editor.store.edit_ids):
+        editor.revert(edit_id, version)
+    assert editor.weights_digest() == digest, "reverting the test's edits did not restore the weights"
+
+
+def second_moments(loaded: LoadedModel, hparams: HyperParams) -> dict:
+    """The key statistics over the start of WikiText, as the `editor` fixture collects them."""
+    adapter = ModelAdapter(loaded.model)
+    trace = LayerTrace(adapter, hparams.layers)
+    try:
+        return collect_second_moments(adapter, trace, loaded.tokenizer, TextCorpus(WIKITEXT), hparams.layers,
+                                      hparams.stats_tokens, hparams.stats_seq_len, progress=False)
+    finally:
+        trace.close()
+
+
+MakeBackend = Callable[..., LocalBackend]
+
+
+@pytest.fixture
+def make_backend(editor: Editor) -> Iterator[MakeBackend]:  # noqa: F811
+    """make_backend(method="alphaedit", **hparams) -> LocalBackend on a new Editor over a fresh copy of the
+    shared tiny Llama (same seed, same weights), with the shared hyper-parameters plus `hparams`. The
+    statistics are the shared ones unless a statistics setting changes. Closed after the test."""
+    built: list[Editor] = []
+
+    def make(method: Method = "alphaedit", **overrides) -> LocalBackend:
+        hparams = editor.hparams.with_overrides(**overrides)
+        loaded = tiny_model("llama", editor.tokenizer)
+        assert loaded.fingerprint == editor.loaded.fingerprint  # the same weights as the shared, unedited model
+        same_stats = (hparams.stats_tokens, hparams.stats_seq_len) == (editor.hparams.stats_tokens,
+                                                                       editor.hparams.stats_seq_len)
+        moments = editor.second_moments if same_stats else second_moments(loaded, hparams)
+        built.append(Editor(loaded, hparams, moments, method=method, templates=["{}"]))
+        return LocalBackend(built[-1])
+
+    yield make
+    for made in built:
+        made.close()
