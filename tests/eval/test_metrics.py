@@ -89,9 +89,11 @@ def test_counterfact_case_compares_new_and_true_targets_and_the_neighbour_the_ot
     prompt_new, prompt_true, rephrase_new, rephrase_true, loc_true, loc_new = queries
     assert queries == [Query(CASE.prompt, "English"), Query(CASE.prompt, "French"),
                        Query("Danielle Darrieux speaks", "English"), Query("Danielle Darrieux speaks", "French"),
-                       Query("Léon Blum's mother tongue is", "French"), Query("Léon Blum's mother tongue is", "English")]
+                       Query("Léon Blum's mother tongue is", "French"),
+                       Query("Léon Blum's mother tongue is", "English")]
     # the edited prompt and its paraphrase prefer the new target; the neighbour still prefers its true answer
-    means = {prompt_new: -1.0, prompt_true: -2.0, rephrase_new: -0.5, rephrase_true: -3.0, loc_true: -0.5, loc_new: -3.0}
+    means = {prompt_new: -1.0, prompt_true: -2.0, rephrase_new: -0.5, rephrase_true: -3.0,
+             loc_true: -0.5, loc_new: -3.0}
     case = metrics._counterfact_case(CASE, _scores(queries, means, top1=True))
     assert (case["efficacy"], case["generalisation"], case["specificity"]) == (True, 1.0, True)
     assert (case["efficacy_top1"], case["generalisation_top1"], case["specificity_top1"]) == (True, 1.0, True)
@@ -154,7 +156,8 @@ def _assert_editor_agrees(summary: dict, details: list[dict], cases: list[EditCa
     assert all(0.0 <= summary[k] <= 100.0 for k in COUNTERFACT_KEYS)
 
 
-def test_counterfact_metrics_are_the_editors_comparisons_before_and_after_an_edit(backend: LocalBackend, editor: Editor):
+def test_counterfact_metrics_are_the_editors_comparisons_before_and_after_an_edit(backend: LocalBackend,
+                                                                                  editor: Editor):
     cases = [CASE, *load_cases("counterfact", n=3).cases]
     before, before_details = metrics.counterfact_metrics(backend, cases)
     _assert_editor_agrees(before, before_details, cases, editor)

@@ -15,7 +15,8 @@ from service.eval.runner import EvalInputs, ProtocolSettings, run_protocol
 
 
 class FakeService:
-    """Applies an edit on its second GET (the first sees it 'applying'); scores like FakeBackend."""
+    """Applies an edit on its second GET (the first sees it 'applying'); a candidate scores high once an
+    applied edit gave it as the new target of a subject named in the prompt."""
 
     def __init__(self, key: str = "secret") -> None:
         self.key = key
