@@ -424,11 +424,25 @@ def latency_pair(url: str, requests: int) -> dict[int, dict]:
 # --------------------------------------------------------------------------- rollback
 
 
+def wait_idle(client: httpx.Client, timeout_s: float = 120) -> float:
+    """Until GET /info shows no queued message and no pending operation: the worker finishes an op's
+    in-memory bookkeeping after the ledger already shows it done, and acknowledges only then."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout_s:
+        info = client.get("/info").json()
+        if info.get("queue_depth") == 0 and info.get("pending_operations") in (0, None):
+            return time.monotonic() - started
+        time.sleep(0.1)
+    raise RuntimeError(f"the worker is still busy after {timeout_s} s")
+
+
 def rollback_latency(client: httpx.Client, edit_ids: list[str], timeout_s: float = 300) -> tuple[list[float], list[float]]:
-    """POST /edits/{id}/rollback, then GET every 50 ms until rolled_back; seconds per rollback, as the
-    client saw it and as the server recorded it (rollback_requested event -> rolled_back_at)."""
+    """With the worker idle, POST /edits/{id}/rollback, then GET every 50 ms until rolled_back; seconds
+    per rollback, as the client saw it and as the server recorded it (rollback_requested -> rolled_back_at).
+    Back to back, a rollback would also wait for the previous one's bookkeeping (see wait_idle)."""
     times, server = [], []
     for edit_id in edit_ids:
+        wait_idle(client)
         started = time.monotonic()
         r = client.post(f"/edits/{edit_id}/rollback", json={"reason": "bench/service_load.py rollback latency"})
         if r.status_code != 202:
@@ -506,15 +520,15 @@ def http_phases(url: str, args, log, single_posts: bool, base_service=None) -> d
     with http_client(url) as client:
         if single_posts:  # --url: single posts on the same service, whatever its batch size
             log(f"edits through the queue, {args.edits_b1} single POSTs ...")
-            out["b1"] = edit_throughput(client, counterfact(0, args.edits_b1), 1, args.edit_timeout_s)
+            out["b1"] = edit_throughput(client, counterfact(args.cf_offset, args.edits_b1), 1, args.edit_timeout_s)
         log(f"base /generate latency, {args.requests} requests at 1 and 8 clients ...")
         out["base"] = latency_pair(url, args.requests)
         log(f"edits through the queue, {args.edits_b8} edits in lists of 8 ...")
-        out["b8"] = edit_throughput(client, counterfact(1000, args.edits_b8), 8, args.edit_timeout_s)
+        out["b8"] = edit_throughput(client, counterfact(args.cf_offset + 1000, args.edits_b8), 8, args.edit_timeout_s)
         more = max(0, args.patched_edits - out["b8"]["applied"])
         if more:
             log(f"applying {more} more edits (lists of 8) to reach {args.patched_edits} patched ...")
-            out["patch_fill"] = edit_throughput(client, counterfact(2000, more), 8, args.edit_timeout_s)
+            out["patch_fill"] = edit_throughput(client, counterfact(args.cf_offset + 2000, more), 8, args.edit_timeout_s)
         applied_ids = out["b8"]["ids"] + out.get("patch_fill", {}).get("ids", [])
         out["patched_edits"] = len(applied_ids)
         log(f"patched /generate latency ({len(applied_ids)} edits applied) ...")
@@ -535,7 +549,7 @@ def http_phases(url: str, args, log, single_posts: bool, base_service=None) -> d
 
 def run(args) -> dict:
     results: dict = {"mode": "url" if args.url else "embedded", "args": {
-        k: getattr(args, k) for k in ("edits_b1", "edits_b8", "patched_edits", "requests", "rollbacks",
+        k: getattr(args, k) for k in ("edits_b1", "edits_b8", "patched_edits", "requests", "rollbacks", "cf_offset",
                                       "restart_repeats", "service_threads", "quick")}}
     started = time.monotonic()
 
@@ -552,9 +566,18 @@ def run(args) -> dict:
         with http_client(url) as client:
             if client.get("/ready").status_code != 200:
                 raise SystemExit(f"{url}/ready is not 200")
+            head = (client.get("/info").json().get("ledger_head") or {}).get("seq") or 0
+        if args.cf_offset is None:  # facts this service may hold already converge in a few steps: take others
+            args.cf_offset = (3 * head) % 6000
+        results["args"]["cf_offset"] = args.cf_offset
+        results["start_version"] = head
+        log(f"ledger head {head}; CounterFact rows from offset {args.cf_offset}")
         results.update(http_phases(url, args, log, single_posts=True))
         return results
 
+    if args.cf_offset is None:
+        args.cf_offset = 0
+    results["args"]["cf_offset"] = args.cf_offset
     work = Path(tempfile.mkdtemp(prefix="knowpatch-bench-"))
     logs = work / "logs"
     logs.mkdir()
@@ -566,7 +589,7 @@ def run(args) -> dict:
         b1 = services.start("b1", work / "data-b1", 1)
         log(f"batch-1 service ready in {b1.ready_s:.1f} s; {args.edits_b1} edits, one POST each ...")
         with http_client(b1.url) as client:
-            results["b1"] = edit_throughput(client, counterfact(0, args.edits_b1), 1, args.edit_timeout_s)
+            results["b1"] = edit_throughput(client, counterfact(args.cf_offset, args.edits_b1), 1, args.edit_timeout_s)
         b1.stop()
         # batch size 8: base latency, edits in lists, patched latency, rollbacks
         b8 = services.start("b8", work / "data-b8", 8)
@@ -619,9 +642,13 @@ def report(res: dict) -> dict:
     add(f"knowpatch service load ({res['mode']}; SmolLM2-135M, {os.cpu_count()} CPUs, load avg "
         f"{os.getloadavg()[0]:.2f})")
     add("-" * 96)
-    for key, label in (("b1", "edits, worker batch 1 (single POSTs)"),
-                       ("b8", "edits, worker batch 8 (lists of 8)"),
-                       ("patch_fill", "edits, filling to the patched state (b8)")):
+    url_mode = res["mode"] == "url"
+    if url_mode:
+        add(f"(driving a running service: its own worker batch size; 'before' is its state at version "
+            f"{res.get('start_version')}, not necessarily the base model)")
+    for key, label in (("b1", "edits, single POSTs" + (" (service's batch size)" if url_mode else ", worker batch 1")),
+                       ("b8", "edits, lists of 8" + (" (service's batch size)" if url_mode else ", worker batch 8")),
+                       ("patch_fill", "edits, filling to the patched state")):
         e = res.get(key)
         if e:
             add(f"{label:44s} {e['edits_per_min']:7.2f} edits/min   {e['applied']}/{e['edits']} applied, "
@@ -630,7 +657,9 @@ def report(res: dict) -> dict:
     add("")
     add(f"{'/generate (32 new tokens, greedy)':36s} {'clients':>7s} {'p50 ms':>9s} {'p95 ms':>9s} "
         f"{'tokens/s':>9s} {'ms/token':>9s} {'tokens':>7s} {'n':>4s} {'versions'}")
-    for name, data in (("base model", base), (f"patched ({res.get('patched_edits')} edits)", patched)):
+    names = (("before", f"after {res.get('patched_edits')} more edits") if url_mode
+             else ("base model", f"patched ({res.get('patched_edits')} edits)"))
+    for name, data in zip(names, (base, patched)):
         for c in (1, 8):
             d = data[c]
             add(f"{name:36s} {c:7d} {_f(d['p50_ms'], 9, 0)} {_f(d['p95_ms'], 9, 0)} {_f(d['tokens_per_s'], 9, 1)} "
@@ -662,7 +691,7 @@ def report(res: dict) -> dict:
     loads = res.get("load1") or []
     if loads:
         add(f"1-minute load average during the run: {min(loads):.2f} .. {max(loads):.2f} on {os.cpu_count()} CPUs "
-            "(above the CPU count, other work competed with the service)")
+            "(the service alone keeps it near the CPU count, 8 clients somewhat above; much more means other work)")
     add("-" * 96)
     print("\n".join(lines))
     b1 = res.get("b1") or {}
@@ -724,6 +753,9 @@ def main() -> None:
                         help="bound on waiting for one group of edits (default 300 s + 60 s per edit)")
     parser.add_argument("--service-threads", type=int, default=None,
                         help="OMP_NUM_THREADS/MKL_NUM_THREADS of the started services (default: torch's own)")
+    parser.add_argument("--cf-offset", type=int, default=None,
+                        help="first CounterFact row (default 0; with --url, from the ledger head, so that a rerun "
+                             "does not re-edit facts the service holds already)")
     parser.add_argument("--quick", action="store_true", help="small numbers, for a smoke run")
     parser.add_argument("--keep", action="store_true", help="keep the temp folder (ledgers, logs)")
     args = parser.parse_args()
