@@ -22,18 +22,14 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from api.app import LifespanHook, create_app
 from service.config import Settings
-from service.engine.corpus import TextCorpus
 from service.engine.editor import Editor
-from service.engine.stats import collect_second_moments
-from service.engine.trace import LayerTrace
 from service.engine.types import HyperParams
 from service.inference import InferenceBackend
 from service.ledger.db import make_engine, migrate, session_factory
 from service.ledger.models import Edit, EditEvent, EditFactor, IdempotencyKey, Operation
-from service.model.adapters import ModelAdapter
 from service.model.loading import load_model
 from service.queue import LocalQueue, OperationQueue
-from tests.engine.conftest import CACHE_DIR, WIKITEXT, tiny_model
+from tests.engine.conftest import CACHE_DIR, tiny_model, wikitext_moments
 from workers.inference import LocalBackend
 from workers.server import create_worker_app
 
@@ -175,13 +171,7 @@ def editor() -> Iterator[Editor]:
     torch.set_num_threads(1)
     loaded = tiny_model("llama", load_model("smollm2", cache_dir=CACHE_DIR).tokenizer)
     hparams = HyperParams(layers=(1, 2, 3), stats_tokens=64, stats_seq_len=64, nullspace_threshold=1e-9)
-    adapter = ModelAdapter(loaded.model)
-    trace = LayerTrace(adapter, hparams.layers)
-    try:
-        moments = collect_second_moments(adapter, trace, loaded.tokenizer, TextCorpus(WIKITEXT), hparams.layers,
-                                         hparams.stats_tokens, hparams.stats_seq_len, progress=False)
-    finally:
-        trace.close()
+    moments = wikitext_moments(loaded, hparams)
     # One context template: these tests never compute an edit, and sampling more costs seconds.
     built = Editor(loaded, hparams, moments, method="alphaedit", templates=["{}"])
     yield built

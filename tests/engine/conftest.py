@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 from transformers import (
-    AutoConfig, AutoModelForCausalLM, GPT2Config, GPTJConfig, GPTNeoXConfig, LlamaConfig, MistralConfig,
+    AutoModelForCausalLM, GPT2Config, GPTJConfig, GPTNeoXConfig, LlamaConfig, MistralConfig,
     Qwen2Config, Qwen3Config,
 )
 
@@ -44,3 +44,19 @@ def tiny_model(model_type: str, tokenizer) -> LoadedModel:
                 p.mul_(4.0)
     model.eval().requires_grad_(False)
     return LoadedModel(model, tokenizer, f"tiny-{model_type}", weights_fingerprint(model, f"tiny-{model_type}"))
+
+
+def wikitext_moments(loaded: LoadedModel, hparams) -> dict:
+    """Key statistics over the start of the WikiText-2 file, as the small-model tests use them."""
+    from service.engine.stats import collect_second_moments
+    from service.engine.corpus import TextCorpus
+    from service.engine.trace import LayerTrace
+    from service.model.adapters import ModelAdapter
+
+    adapter = ModelAdapter(loaded.model)
+    trace = LayerTrace(adapter, hparams.layers)
+    try:
+        return collect_second_moments(adapter, trace, loaded.tokenizer, TextCorpus(WIKITEXT), hparams.layers,
+                                      hparams.stats_tokens, hparams.stats_seq_len, progress=False)
+    finally:
+        trace.close()

@@ -9,13 +9,11 @@ from service.engine.corpus import TextCorpus, packed_batches
 from service.engine.editor import Editor
 from service.engine.prefix_cache import split_at_lookup
 from service.engine.prompts import pad_rows
-from service.engine.stats import collect_second_moments
-from service.engine.trace import LayerTrace
 from service.engine.types import EditRequest, HyperParams
 from service.errors import UnsupportedArchitecture
 from service.model.adapters import ModelAdapter, architecture_for
 
-from .conftest import TINY_CONFIGS, WIKITEXT, tiny_model
+from .conftest import TINY_CONFIGS, WIKITEXT, tiny_model, wikitext_moments
 
 REQUESTS = [
     EditRequest("Danielle Darrieux", "The mother tongue of {} is", "English", "French"),
@@ -33,13 +31,7 @@ def tiny(request, smollm2):
 
 
 def _moments(loaded, hparams):
-    adapter = ModelAdapter(loaded.model)
-    trace = LayerTrace(adapter, hparams.layers)
-    try:
-        return collect_second_moments(adapter, trace, loaded.tokenizer, TextCorpus(WIKITEXT), hparams.layers,
-                                      hparams.stats_tokens, hparams.stats_seq_len, progress=False)
-    finally:
-        trace.close()
+    return wikitext_moments(loaded, hparams)
 
 
 @pytest.fixture(scope="module")

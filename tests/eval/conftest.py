@@ -13,16 +13,11 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from service.engine.corpus import TextCorpus
 from service.engine.editor import Editor
-from service.engine.stats import collect_second_moments
-from service.engine.trace import LayerTrace
-from service.engine.types import HyperParams, Method
+from service.engine.types import Method
 from service.eval.local import LocalBackend
-from service.model.adapters import ModelAdapter
-from service.model.loading import LoadedModel
 from tests.api.conftest import editor  # noqa: F401  (the shared fixture, re-registered for this package)
-from tests.engine.conftest import WIKITEXT, tiny_model
+from tests.engine.conftest import tiny_model, wikitext_moments
 
 
 @pytest.fixture
@@ -35,15 +30,7 @@ def backend(editor: Editor) -> Iterator[LocalBackend]:  # noqa: F811
     assert editor.weights_digest() == digest, "reverting the test's edits did not restore the weights"
 
 
-def second_moments(loaded: LoadedModel, hparams: HyperParams) -> dict:
-    """The key statistics over the start of WikiText, as the `editor` fixture collects them."""
-    adapter = ModelAdapter(loaded.model)
-    trace = LayerTrace(adapter, hparams.layers)
-    try:
-        return collect_second_moments(adapter, trace, loaded.tokenizer, TextCorpus(WIKITEXT), hparams.layers,
-                                      hparams.stats_tokens, hparams.stats_seq_len, progress=False)
-    finally:
-        trace.close()
+second_moments = wikitext_moments
 
 
 MakeBackend = Callable[..., LocalBackend]

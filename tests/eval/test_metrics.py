@@ -12,13 +12,12 @@ import pytest
 from service.engine.editor import Editor
 from service.eval import metrics
 from service.eval.backend import Query, QueryScore
-from service.eval.data import EditCase, HeldOutText, KnownFact, load_cases, load_heldout
+from service.eval.data import EditCase, HeldOutText, load_cases, load_heldout, load_knowns
 from service.eval.local import LocalBackend
 
 CASE = EditCase("7", "Danielle Darrieux", "The mother tongue of Danielle Darrieux is", "English", "French",
                 ("Danielle Darrieux speaks",), "Léon Blum's mother tongue is", "French")
-ZSRE = EditCase("0", "UniFirst", "What is the product made by UniFirst?", "unmanned aircraft", "uniform",
-                ("What will be the product of UniFirst?",), "nq question: who wrote hamlet?", "Shakespeare")
+ZSRE = load_cases("zsre", n=1).cases[0]  # read from ../shared/data, never copied
 COUNTERFACT_KEYS = ["efficacy", "generalisation", "specificity", "efficacy_top1", "generalisation_top1",
                     "specificity_top1"]
 
@@ -107,11 +106,10 @@ def test_counterfact_case_compares_new_and_true_targets_and_the_neighbour_the_ot
 
 def test_zsre_case_uses_token_accuracy_and_is_none_where_a_backend_cannot_tell():
     accuracy_queries, nll_queries = metrics._zsre_queries(ZSRE)
-    assert accuracy_queries == [Query(ZSRE.prompt, "unmanned aircraft"),
-                                Query("What will be the product of UniFirst?", "unmanned aircraft"),
-                                Query("nq question: who wrote hamlet?", "Shakespeare")]
-    assert nll_queries[-1] == Query("nq question: who wrote hamlet?", "Shakespeare") and len(nll_queries) == 5
-    means = {q: -1.0 if q.continuation == "unmanned aircraft" else -2.0 for q in nll_queries}
+    new, (rephrase,), loc = ZSRE.target_new, ZSRE.rephrase_prompts, Query(ZSRE.locality_prompt, ZSRE.locality_answer)
+    assert accuracy_queries == [Query(ZSRE.prompt, new), Query(rephrase, new), loc]
+    assert nll_queries[-1] == loc and len(nll_queries) == 5
+    means = {q: -1.0 if q.continuation == new else -2.0 for q in nll_queries}
     case = metrics._zsre_case(ZSRE, [0.5, 1.0, 0.0], _scores(nll_queries, means, top1=False))
     assert (case["efficacy"], case["generalisation"], case["specificity"]) == (0.5, 1.0, 0.0)
     assert (case["efficacy_nll"], case["generalisation_nll"], case["efficacy_top1"]) == (True, 1.0, False)
@@ -193,11 +191,11 @@ def test_zsre_metrics_on_the_in_process_backend(backend: LocalBackend, editor: E
 
 
 def test_control_is_retained_only_where_the_continuation_is_unchanged(backend: LocalBackend, editor: Editor):
-    facts = [KnownFact(0, "Vinson Massif", "Vinson Massif is located in the continent of", "Antarctica")]
+    facts = load_knowns(count=1)  # read from ../shared/data
     references = metrics.control_references(backend, facts, 8)
     summary, details = metrics.control_metrics(backend, facts, references, 8)
     assert summary["control_retained"] == 100.0 and details[0]["reference"] == details[0]["now"]  # greedy: stable
-    (attribute,) = editor.score(facts[0].prompt, ["Antarctica"])
+    (attribute,) = editor.score(facts[0].prompt, [facts[0].attribute])
     assert details[0]["attribute_top1"] is attribute.top1_correct
     assert summary["control_top1"] == 100.0 * attribute.top1_correct
     summary, _ = metrics.control_metrics(backend, facts, ["something else"], 8)
