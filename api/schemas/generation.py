@@ -11,7 +11,8 @@ from service.inference import GenerateResult, ScoreResult
 MAX_INPUT_CHARS = 8000
 MAX_STOP_SEQUENCES = 8
 MAX_CANDIDATES = 32
-MAX_CANDIDATE_CHARS = 1000
+# A candidate may be a whole passage (its perplexity); the model's context is the real bound, checked by the backend.
+MAX_CANDIDATE_CHARS = MAX_INPUT_CHARS
 
 
 Candidate = Annotated[str, Field(min_length=1, max_length=MAX_CANDIDATE_CHARS), AfterValidator(not_blank)]

@@ -171,7 +171,8 @@ def _logprob(editor: Editor, prompt: str, candidate: str) -> tuple[float, int]:
 
 
 def test_score(api: Api, editor: Editor) -> None:
-    candidates = [" Paris", "Rome", " the capital of Italy"]
+    # the last is a passage (perplexity over HTTP), longer than a short answer field would allow
+    candidates = [" Paris", "Rome", " the capital of Italy", " the city of light by the river" * 40]
     reply = api.client.post("/score", json={"prompt": PROMPT, "candidates": candidates})
     assert reply.status_code == 200, reply.text
     body = reply.json()
@@ -223,6 +224,7 @@ def test_openai_chat_uses_the_chat_template(api: Api, editor: Editor) -> None:
     ("/score", {"prompt": "x", "candidates": []}, "candidates: List should have at least 1 item"),
     ("/score", {"prompt": "x", "candidates": ["a", ""]}, "candidates[1]"),
     ("/score", {"prompt": "x", "candidates": ["a"] * 33}, "candidates: List should have at most 32"),
+    ("/score", {"prompt": "x", "candidates": ["a" * 8001]}, "candidates[0]: String should have at most 8000"),
     ("/v1/completions", {"prompt": "x", "n": 2}, "n: Input should be 1"),
     ("/v1/completions", {"prompt": "x", "max_tokens": 100}, "max_tokens is 100"),
     ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role"),

@@ -65,11 +65,11 @@ class Process:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
 
 
-@pytest.fixture
-def base_env(tmp_path: Path) -> dict[str, str]:
+def service_env(data_dir: Path) -> dict[str, str]:
+    """The environment of a knowpatch process under test: no inherited KNOWPATCH_ settings."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("KNOWPATCH_")}
     env.update({
-        "KNOWPATCH_DATA_DIR": str(tmp_path / "data"),
+        "KNOWPATCH_DATA_DIR": str(data_dir),
         # the WikiText-2 file of ../shared/data keeps the statistics pass short in tests
         "KNOWPATCH_CORPUS": str(WIKITEXT),
         "KNOWPATCH_STATS_TOKENS": "20000",
@@ -77,6 +77,11 @@ def base_env(tmp_path: Path) -> dict[str, str]:
         "PYTHONUNBUFFERED": "1",
     })
     return env
+
+
+@pytest.fixture
+def base_env(tmp_path: Path) -> dict[str, str]:
+    return service_env(tmp_path / "data")
 
 
 @pytest.fixture

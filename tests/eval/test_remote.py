@@ -1,9 +1,10 @@
-"""The HTTP backend against a fake service that follows the API contract (httpx.MockTransport)."""
+"""The HTTP backend (`knowpatch eval --url`) against a real `knowpatch serve` on SmolLM2: edits go
+through POST /edits and the worker, reads through /score and /generate, all over loopback HTTP."""
 from __future__ import annotations
 
-import json
+from collections.abc import Iterator
+from pathlib import Path
 
-import httpx
 import pytest
 
 from service.engine.types import EditRequest
@@ -12,107 +13,69 @@ from service.eval.backend import Query
 from service.eval.data import load_cases, load_heldout, load_knowns
 from service.eval.remote import HttpBackend
 from service.eval.runner import EvalInputs, ProtocolSettings, run_protocol
+from tests.e2e.conftest import Process, free_port, service_env
+
+pytestmark = pytest.mark.slow
+
+KEY = "eval-key"
 
 
-class FakeService:
-    """Applies an edit on its second GET (the first sees it 'applying'); a candidate scores high once an
-    applied edit gave it as the new target of a subject named in the prompt."""
-
-    def __init__(self, key: str = "secret") -> None:
-        self.key = key
-        self.edits: dict[str, dict] = {}
-        self.polls: dict[str, int] = {}
-        self.version = 0
-        self.min_versions: list[int | None] = []
-        self.bodies: list[dict] = []
-
-    def __call__(self, request: httpx.Request) -> httpx.Response:
-        if request.headers.get("Authorization") != f"Bearer {self.key}":
-            return httpx.Response(401, json={"detail": "missing or unknown API key"})
-        body = json.loads(request.content) if request.content else {}
-        path = request.url.path
-        if request.method == "POST" and path == "/edits":
-            return self._submit(body)
-        if request.method == "GET" and path.startswith("/edits/"):
-            return self._poll(path.rsplit("/", 1)[1])
-        self.min_versions.append(body.get("min_model_version"))
-        if path == "/score":
-            if not body["candidates"]:
-                return httpx.Response(422, json={"detail": "candidates must not be empty"})
-            return httpx.Response(200, json={"scores": [self._score(body["prompt"], c) for c in body["candidates"]],
-                                             "model_version": self.version})
-        if path == "/generate":
-            assert body["parameters"]["do_sample"] is False
-            return httpx.Response(200, json={"generated_text": " and so on", "model_version": self.version})
-        if path == "/info":
-            return httpx.Response(200, json={"model": "fake-model", "model_version": self.version})
-        return httpx.Response(404)
-
-    def _submit(self, body: dict) -> httpx.Response:
-        created = []
-        for edit in body["edits"]:
-            self.bodies.append(edit)
-            edit_id = f"e{len(self.edits)}"
-            self.edits[edit_id] = {"id": edit_id, "status": "queued", "request": edit}
-            created.append({"id": edit_id, "status": "queued", "queue_position": len(self.edits)})
-        return httpx.Response(202, json={"edits": created})
-
-    def _poll(self, edit_id: str) -> httpx.Response:
-        record = self.edits[edit_id]
-        self.polls[edit_id] = self.polls.get(edit_id, 0) + 1
-        if record["status"] == "queued":
-            record["status"] = "applying"
-        elif record["status"] == "applying":
-            self.version += 1
-            failing = record["request"]["target_new"] == "FAIL"
-            record.update(status="failed" if failing else "applied", model_version=self.version,
-                          error="update norm too large" if failing else None)
-        return httpx.Response(200, json=record)
-
-    def _score(self, prompt: str, candidate: str) -> dict:
-        learned = any(e["status"] == "applied" and e["request"]["subject"] in prompt
-                      and e["request"]["target_new"] == candidate for e in self.edits.values())
-        tokens = len(candidate.split())
-        total = (-0.1 if learned else -2.0) * tokens
-        return {"candidate": candidate, "total_logprob": total, "mean_logprob": total / tokens, "tokens": tokens}
+@pytest.fixture(scope="module")
+def service_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """One embedded service (API + worker, SQLite ledger, AlphaEdit) for this module."""
+    root = tmp_path_factory.mktemp("eval-remote")
+    env = {**service_env(root / "data"), "KNOWPATCH_API_KEYS": f"eval:{KEY}:edits:write,generate"}
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    process = Process(["serve", "--port", str(port)], env, root / "serve.log").start(f"{url}/ready")
+    yield url
+    process.stop()
 
 
-def _backend(service: FakeService, key: str = "secret") -> HttpBackend:
-    return HttpBackend("http://knowpatch.test", key, method="alphaedit", poll_interval_s=0.0,
-                       transport=httpx.MockTransport(service))
+def _backend(url: str, key: str = KEY, method: str = "alphaedit") -> HttpBackend:
+    return HttpBackend(url, key, method=method, poll_interval_s=0.2, timeout_s=300)
 
 
-def test_protocol_over_http_edits_in_batches_and_reads_its_own_writes():
-    service = FakeService()
-    inputs = EvalInputs(load_cases("counterfact", n=4).cases, load_knowns(count=3), load_heldout(chunks=2))
-    results = run_protocol(_backend(service), inputs, ProtocolSettings("counterfact", batch_size=2), progress=False)
-    assert results["baseline"]["efficacy"] == 0.0 and results["final"]["efficacy"] == 100.0
+def test_protocol_over_http_edits_in_batches_and_reads_its_own_writes(service_url):
+    backend = _backend(service_url)
+    inputs = EvalInputs(load_cases("counterfact", n=4).cases, load_knowns(count=3), load_heldout(chunks=1))
+    settings = ProtocolSettings("counterfact", batch_size=2, fluency_tokens=8, control_tokens=4)
+    results = run_protocol(backend, inputs, settings, progress=False)
+    backend.close()
+    assert results["baseline"]["efficacy"] <= 50.0 and results["final"]["efficacy"] >= 75.0, results["final"]
     assert results["final"]["efficacy_top1"] is None and results["final"]["control_top1"] is None  # no argmax over HTTP
     assert results["final"]["perplexity"] > 1 and results["final"]["fluency"] > 0
-    assert [b["model_version"] for b in results["batches"]] == [2, 4]
-    assert service.min_versions[0] is None and service.min_versions[-1] == 4  # reads wait for the last batch
-    assert service.bodies[0]["method"] == "alphaedit" and "rephrase_prompts" not in service.bodies[0]
-    assert service.bodies[0]["metadata"]["batch"] == "eval-00000"
+    versions = [b["model_version"] for b in results["batches"]]
+    assert len(versions) == 2 and 0 < versions[0] < versions[1], versions  # each batch reported its own version
+    assert backend.min_version == versions[-1]  # later reads ask for the version that holds every batch
 
 
-def test_a_failed_edit_is_reported_with_its_reason():
-    service = FakeService()
-    case = load_cases("counterfact", n=1).cases[0]
-    failing = EditRequest(case.subject, case.prompt, "FAIL", case.target_true)
-    outcome = _backend(service).apply([case.request(), failing], "b0")
-    assert not outcome.applied and "update norm too large" in outcome.error
+def test_an_edit_the_service_refuses_is_reported_with_its_reason(service_url):
+    backend = _backend(service_url, method="memit")  # the service applies AlphaEdit only
+    case = load_cases("counterfact", n=5).cases[4]
+    outcome = backend.apply([case.request()], "refused")
+    backend.close()
+    assert not outcome.applied and outcome.size == 1
+    assert "failed" in outcome.error and "method memit is not enabled" in outcome.error
 
 
-def test_score_groups_candidates_per_prompt():
-    service = FakeService()
-    backend = _backend(service)
-    scores = backend.score([Query("p", "a b"), Query("q", "c"), Query("p", "d"), Query("p", "a b")])
-    assert [s.tokens for s in scores] == [2, 1, 1, 2] and all(s.top1 is None for s in scores)
-    assert len(service.min_versions) == 2  # one call per distinct prompt
+def test_score_groups_candidates_per_prompt_and_keeps_the_order(service_url):
+    backend = _backend(service_url)
+    prompt = "The Eiffel Tower is located in the city of"
+    queries = [Query(prompt, "Paris"), Query("The capital of Japan is", "Tokyo"), Query(prompt, "Rome"),
+               Query(prompt, "Paris")]
+    scores = backend.score(queries)
+    alone = [backend.score([q])[0] for q in queries]
+    backend.close()
+    assert [s.total_logprob for s in scores] == pytest.approx([s.total_logprob for s in alone], abs=1e-4)
+    assert scores[0].total_logprob == scores[3].total_logprob > scores[2].total_logprob  # Paris over Rome
+    assert all(s.top1 is None for s in scores)
 
 
-def test_http_errors_map_to_the_project_errors():
+def test_http_errors_map_to_the_project_errors(service_url):
     with pytest.raises(Unauthorized, match="401"):
-        _backend(FakeService(), key="wrong").generate(["x"], 5)
+        _backend(service_url, key="wrong").generate(["x"], 5)
     with pytest.raises(InvalidRequest, match="422"):
-        _backend(FakeService())._score_prompt(("p", []))
+        _backend(service_url)._score_prompt(("p", []))
+    with pytest.raises(InvalidRequest, match="422"):
+        _backend(service_url).apply([EditRequest("Nowhere", "Somewhere is in", "Rome", None)], "bad")
