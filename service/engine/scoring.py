@@ -17,6 +17,7 @@ class Score:
     total_logprob: float
     tokens: int
     top1_correct: bool  # every target token is the argmax under teacher forcing
+    tokens_correct: int = 0  # how many target tokens are the argmax under teacher forcing
 
     @property
     def mean_logprob(self) -> float:
@@ -64,6 +65,7 @@ def _score_batch(adapter: ModelAdapter, trace: LayerTrace | None, rows: Sequence
     scores, offset = [], 0
     for row in rows:
         span = slice(offset, offset + len(row.targets))
-        scores.append(Score(float(chosen[span].sum()), len(row.targets), bool(correct[span].all())))
+        right = int(correct[span].sum())
+        scores.append(Score(float(chosen[span].sum()), len(row.targets), right == len(row.targets), right))
         offset += len(row.targets)
     return scores

@@ -134,19 +134,11 @@ class LocalBackend:
         return [QueryScore(s.total_logprob, s.tokens, s.top1_correct) for s in self._score_rows(rows)]
 
     def token_accuracy(self, queries: Sequence[Query]) -> list[float | None]:
-        """One single-token row per continuation token, so each token's argmax is judged alone."""
-        rows, owners = [], []
-        for i, q in enumerate(queries):
-            full = continuation_row(self.tokenizer, q.prompt, q.continuation)
-            prompt_ids = full.ids[: len(full.ids) - len(full.targets) + 1]
-            for k, target in enumerate(full.targets):
-                ids = prompt_ids + full.targets[:k]
-                rows.append(Row(0, ids, len(ids) - 1, (target,)))
-                owners.append(i)
-        correct = [[] for _ in queries]
-        for owner, score in zip(owners, self._score_rows(rows)):
-            correct[owner].append(score.top1_correct)
-        return [sum(c) / len(c) for c in correct]
+        """Share of continuation tokens that are the argmax given the prompt and the true tokens before
+        them. The paper's code runs one prompt per token for this; under a causal mask one
+        teacher-forced row gives the same argmaxes at a fraction of the cost."""
+        rows = [continuation_row(self.tokenizer, q.prompt, q.continuation) for q in queries]
+        return [s.tokens_correct / s.tokens for s in self._score_rows(rows)]
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[str], max_new_tokens: int) -> list[str]:

@@ -10,6 +10,8 @@ from statistics import fmean
 import pytest
 
 from service.engine.editor import Editor
+from service.engine.prompts import Row
+from service.engine.scoring import continuation_row, score_rows
 from service.eval import metrics
 from service.eval.backend import Query, QueryScore
 from service.eval.data import EditCase, HeldOutText, load_cases, load_heldout, load_knowns
@@ -188,6 +190,24 @@ def test_zsre_metrics_on_the_in_process_backend(backend: LocalBackend, editor: E
     assert 0.0 < details[2]["efficacy"] < 1.0 and details[2]["efficacy_top1"] is False
     for key in ("efficacy", "generalisation", "specificity", "efficacy_top1", "efficacy_nll"):
         assert summary[key] == pytest.approx(100 * fmean(float(d[key]) for d in details))
+
+
+def test_token_accuracy_equals_one_prompt_per_token(backend: LocalBackend, editor: Editor):
+    """One teacher-forced row per query must judge each token as the paper's one-prompt-per-token
+    loop does: the greedy answer is all right, extra words partly wrong."""
+    cases = load_cases("zsre", n=4).cases
+    greedy = backend.generate([c.prompt for c in cases], 4)
+    queries = [Query(c.prompt, g.strip() + tail) for c, g in zip(cases, greedy) for tail in ("", " zebra crossing")]
+    queries += [Query(c.locality_prompt, c.locality_answer) for c in cases]
+    per_token = []
+    for q in queries:
+        full = continuation_row(editor.tokenizer, q.prompt, q.continuation)
+        prompt_ids = full.ids[: len(full.ids) - len(full.targets) + 1]
+        rows = [Row(0, prompt_ids + full.targets[:k], len(prompt_ids) + k - 1, (t,)) for k, t in enumerate(full.targets)]
+        scores = score_rows(editor.adapter, None, rows, editor.tokenizer.pad_token_id)
+        per_token.append(sum(s.top1_correct for s in scores) / len(scores))
+    assert backend.token_accuracy(queries) == per_token
+    assert per_token[0] == 1.0 and 0.0 < per_token[1] < 1.0
 
 
 def test_control_is_retained_only_where_the_continuation_is_unchanged(backend: LocalBackend, editor: Editor):
