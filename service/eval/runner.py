@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from statistics import fmean
 from typing import Any
@@ -39,6 +40,15 @@ class EvalInputs:
     heldout: HeldOutText | None
 
 
+@contextmanager
+def _stage(what: str) -> Iterator[None]:
+    """Scoring 500 cases takes minutes on a CPU: say what runs, and how long it took."""
+    log.info("%s ...", what)
+    start = time.perf_counter()
+    yield
+    log.info("%s: %.1f s", what, time.perf_counter() - start)
+
+
 class _Scorer:
     """Scores a model state: case metrics, and the shared control / perplexity / fluency."""
 
@@ -52,14 +62,17 @@ class _Scorer:
 
     def __call__(self, cases: Sequence[EditCase], fluency: bool) -> tuple[dict[str, Any], dict[str, Any]]:
         """Summary numbers, and the per-case details (scores, generations, control continuations)."""
-        summary, per_case = metrics.CASE_METRICS[self.settings.dataset](self.backend, cases)
+        with _stage(f"{self.settings.dataset} metrics of {len(cases)} cases"):
+            summary, per_case = metrics.CASE_METRICS[self.settings.dataset](self.backend, cases)
         details: dict[str, Any] = {"cases": per_case}
         if fluency and self.settings.fluency_tokens:
-            summary["fluency"], details["generations"] = metrics.fluency_metric(
-                self.backend, cases, self.settings.fluency_tokens)
-        summary["perplexity"] = self._perplexity()
-        control, details["control"] = metrics.control_metrics(
-            self.backend, self.inputs.knowns, self.references, self.settings.control_tokens)
+            with _stage(f"fluency: {len(cases)} generations of {self.settings.fluency_tokens} tokens"):
+                summary["fluency"], details["generations"] = metrics.fluency_metric(
+                    self.backend, cases, self.settings.fluency_tokens)
+        with _stage("perplexity and control"):
+            summary["perplexity"] = self._perplexity()
+            control, details["control"] = metrics.control_metrics(
+                self.backend, self.inputs.knowns, self.references, self.settings.control_tokens)
         summary.update(control)
         summary["cases"] = len(cases)
         return summary, details
