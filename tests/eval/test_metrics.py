@@ -17,9 +17,8 @@ from service.eval.backend import Query, QueryScore
 from service.eval.data import EditCase, HeldOutText, load_cases, load_heldout, load_knowns
 from service.eval.local import LocalBackend
 
-CASE = EditCase("7", "Danielle Darrieux", "The mother tongue of Danielle Darrieux is", "English", "French",
-                ("Danielle Darrieux speaks",), "Léon Blum's mother tongue is", "French")
-ZSRE = load_cases("zsre", n=1).cases[0]  # read from ../shared/data, never copied
+CASE = load_cases("counterfact", n=1).cases[0]  # both read from ../shared/data, never copied
+ZSRE = load_cases("zsre", n=1).cases[0]
 COUNTERFACT_KEYS = ["efficacy", "generalisation", "specificity", "efficacy_top1", "generalisation_top1",
                     "specificity_top1"]
 
@@ -88,10 +87,9 @@ def _scores(queries: list[Query], means: dict[Query, float], top1: bool | None =
 def test_counterfact_case_compares_new_and_true_targets_and_the_neighbour_the_other_way():
     queries = metrics._counterfact_queries(CASE)
     prompt_new, prompt_true, rephrase_new, rephrase_true, loc_true, loc_new = queries
-    assert queries == [Query(CASE.prompt, "English"), Query(CASE.prompt, "French"),
-                       Query("Danielle Darrieux speaks", "English"), Query("Danielle Darrieux speaks", "French"),
-                       Query("Léon Blum's mother tongue is", "French"),
-                       Query("Léon Blum's mother tongue is", "English")]
+    (rephrase,), new, true = CASE.rephrase_prompts, CASE.target_new, CASE.target_true
+    assert queries == [Query(CASE.prompt, new), Query(CASE.prompt, true), Query(rephrase, new), Query(rephrase, true),
+                       Query(CASE.locality_prompt, CASE.locality_answer), Query(CASE.locality_prompt, new)]
     # the edited prompt and its paraphrase prefer the new target; the neighbour still prefers its true answer
     means = {prompt_new: -1.0, prompt_true: -2.0, rephrase_new: -0.5, rephrase_true: -3.0,
              loc_true: -0.5, loc_new: -3.0}
@@ -158,7 +156,8 @@ def _assert_editor_agrees(summary: dict, details: list[dict], cases: list[EditCa
 
 def test_counterfact_metrics_are_the_editors_comparisons_before_and_after_an_edit(backend: LocalBackend,
                                                                                   editor: Editor):
-    cases = [CASE, *load_cases("counterfact", n=3).cases]
+    cases = load_cases("counterfact", n=4).cases
+    assert cases[0] == CASE
     before, before_details = metrics.counterfact_metrics(backend, cases)
     _assert_editor_agrees(before, before_details, cases, editor)
 
