@@ -16,12 +16,16 @@ from service.model.adapters import ModelAdapter
 class Score:
     total_logprob: float
     tokens: int
-    top1_correct: bool  # every target token is the argmax under teacher forcing
-    tokens_correct: int = 0  # how many target tokens are the argmax under teacher forcing
+    tokens_correct: int  # how many target tokens are the argmax under teacher forcing
 
     @property
     def mean_logprob(self) -> float:
         return self.total_logprob / self.tokens
+
+    @property
+    def top1_correct(self) -> bool:
+        """Every target token is the argmax under teacher forcing."""
+        return self.tokens_correct == self.tokens
 
 
 def continuation_row(tokenizer: PreTrainedTokenizerBase, prompt: str, continuation: str) -> Row:
@@ -65,7 +69,6 @@ def _score_batch(adapter: ModelAdapter, trace: LayerTrace | None, rows: Sequence
     scores, offset = [], 0
     for row in rows:
         span = slice(offset, offset + len(row.targets))
-        right = int(correct[span].sum())
-        scores.append(Score(float(chosen[span].sum()), len(row.targets), right == len(row.targets), right))
+        scores.append(Score(float(chosen[span].sum()), len(row.targets), int(correct[span].sum())))
         offset += len(row.targets)
     return scores

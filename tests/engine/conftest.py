@@ -10,6 +10,10 @@ from transformers import (
     Qwen2Config, Qwen3Config,
 )
 
+from service.engine.corpus import TextCorpus
+from service.engine.stats import collect_second_moments
+from service.engine.trace import LayerTrace
+from service.model.adapters import ModelAdapter
 from service.model.loading import LoadedModel, load_model, weights_fingerprint
 
 DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
@@ -48,11 +52,6 @@ def tiny_model(model_type: str, tokenizer) -> LoadedModel:
 
 def wikitext_moments(loaded: LoadedModel, hparams) -> dict:
     """Key statistics over the start of the WikiText-2 file, as the small-model tests use them."""
-    from service.engine.stats import collect_second_moments
-    from service.engine.corpus import TextCorpus
-    from service.engine.trace import LayerTrace
-    from service.model.adapters import ModelAdapter
-
     adapter = ModelAdapter(loaded.model)
     trace = LayerTrace(adapter, hparams.layers)
     try:

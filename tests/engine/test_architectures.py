@@ -30,16 +30,12 @@ def tiny(request, smollm2):
     return tiny_model(request.param, smollm2.tokenizer)
 
 
-def _moments(loaded, hparams):
-    return wikitext_moments(loaded, hparams)
-
-
 @pytest.fixture(scope="module")
 def editors(tiny):
     # MEMIT needs a full-rank C0 (its solve is (λ C0 + K Kᵀ) A = K): more statistics tokens.
     memit_hp = HP.with_overrides(stats_tokens=2048)
-    built = {"alphaedit": Editor(tiny, HP, _moments(tiny, HP), method="alphaedit"),
-             "memit": Editor(tiny, memit_hp, _moments(tiny, memit_hp), method="memit")}
+    built = {"alphaedit": Editor(tiny, HP, wikitext_moments(tiny, HP), method="alphaedit"),
+             "memit": Editor(tiny, memit_hp, wikitext_moments(tiny, memit_hp), method="memit")}
     yield built
     for editor in built.values():
         editor.close()

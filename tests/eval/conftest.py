@@ -30,8 +30,6 @@ def backend(editor: Editor) -> Iterator[LocalBackend]:  # noqa: F811
     assert editor.weights_digest() == digest, "reverting the test's edits did not restore the weights"
 
 
-second_moments = wikitext_moments
-
 
 MakeBackend = Callable[..., LocalBackend]
 
@@ -49,7 +47,7 @@ def make_backend(editor: Editor) -> Iterator[MakeBackend]:  # noqa: F811
         assert loaded.fingerprint == editor.loaded.fingerprint  # the same weights as the shared, unedited model
         same_stats = (hparams.stats_tokens, hparams.stats_seq_len) == (editor.hparams.stats_tokens,
                                                                        editor.hparams.stats_seq_len)
-        moments = editor.second_moments if same_stats else second_moments(loaded, hparams)
+        moments = editor.second_moments if same_stats else wikitext_moments(loaded, hparams)
         built.append(Editor(loaded, hparams, moments, method=method, templates=["{}"]))
         return LocalBackend(built[-1])
 

@@ -3,8 +3,8 @@ through POST /edits and the worker, reads through /score and /generate, all over
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
+import httpx
 import pytest
 
 from service.engine.types import EditRequest
@@ -48,6 +48,11 @@ def test_protocol_over_http_edits_in_batches_and_reads_its_own_writes(service_ur
     versions = [b["model_version"] for b in results["batches"]]
     assert len(versions) == 2 and 0 < versions[0] < versions[1], versions  # each batch reported its own version
     assert backend.min_version == versions[-1]  # later reads ask for the version that holds every batch
+    listed = httpx.get(f"{service_url}/edits", params={"limit": 4}, headers={"Authorization": f"Bearer {KEY}"}).json()
+    items = list(reversed(listed["items"]))
+    assert [i["subject"] for i in items] == [c.subject for c in inputs.cases]
+    assert [i["request"]["metadata"]["batch"] for i in items] == ["eval-00000"] * 2 + ["eval-00001"] * 2
+    assert all(i["method"] == "alphaedit" and not i["request"].get("rephrase_prompts") for i in items)  # only the edit
 
 
 def test_an_edit_the_service_refuses_is_reported_with_its_reason(service_url):
