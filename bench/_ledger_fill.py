@@ -32,7 +32,7 @@ import torch  # noqa: E402
 from service.bootstrap import build_editor  # noqa: E402
 from service.config import Settings  # noqa: E402
 from service.engine.editor import Editor  # noqa: E402
-from service.engine.factors import EditFactors, LayerFactor  # noqa: E402
+from service.engine.factors import EditFactors, LayerFactor, on_grid  # noqa: E402
 from service.ledger import repository as repo  # noqa: E402
 from service.ledger.codec import StoredFactor  # noqa: E402
 from service.ledger.db import make_engine, migrate, session_factory  # noqa: E402
@@ -49,9 +49,10 @@ def _factor(editor: Editor, layer: int, rng: np.random.Generator) -> StoredFacto
     basis = editor.null_spaces[layer].basis
     if basis is not None and editor.method == "alphaedit":
         g = basis.double().cpu() @ (basis.double().cpu().T @ g)
-    a = (g / g.norm().clamp_min(1e-12)).float().numpy().astype(np.float32)
+    a = (g / g.norm().clamp_min(1e-12)).float()
+    r_grid, a_grid = on_grid(torch.from_numpy(r), a)  # as the editor records real factors
     k = rng.standard_normal(d_in).astype(np.float32)  # a key-like vector (only C_p uses it)
-    return StoredFactor(layer, r, a, k)
+    return StoredFactor(layer, r_grid.numpy(), a_grid.numpy(), k)
 
 
 def fill(editor: Editor, data_dir: Path, n: int, batch: int, seed: int) -> dict:

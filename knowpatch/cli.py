@@ -46,7 +46,7 @@ def _start_worker(settings: Settings, sessions, queue):
     from workers.inference import LocalBackend
     from workers.worker import Worker
 
-    editor = build_editor(settings)
+    editor = build_editor(settings, keep_factors=False)
     worker = Worker(editor, sessions, queue, batch_size=settings.batch_size, fault_injection=settings.fault_injection)
     worker.start()
     stop = threading.Event()

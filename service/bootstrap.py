@@ -14,7 +14,7 @@ log = logging.getLogger(__name__)
 
 def hparams_from(settings: Settings) -> HyperParams:
     """The model's shipped hyper-parameters with the settings' overrides."""
-    return load_hparams(settings.model).with_overrides(
+    return load_hparams(settings.model, settings.profile).with_overrides(
         layers=settings.layers, stats_tokens=settings.stats_tokens,
         nullspace_threshold=settings.nullspace_threshold, nullspace_energy=settings.nullspace_energy,
     )
@@ -34,9 +34,10 @@ def load_from(settings: Settings) -> LoadedModel:
     )
 
 
-def build_editor(settings: Settings, progress: bool = True) -> Editor:
+def build_editor(settings: Settings, progress: bool = True, keep_factors: bool = True) -> Editor:
+    """`keep_factors=False` for a worker: the ledger holds every edit's factors, the editor only sums."""
     loaded = load_from(settings)
     hparams = hparams_from(settings)
     log.info("model %s loaded (%s); preparing key statistics over corpus %r", settings.model, loaded.fingerprint, settings.corpus)
     return Editor.create(loaded, hparams, corpus_from(settings.corpus, loaded), settings.cache_dir,
-                         method=settings.method, progress=progress)
+                         method=settings.method, progress=progress, keep_factors=keep_factors)

@@ -24,6 +24,8 @@ class Settings(BaseSettings):
 
     # Editing
     method: Literal["alphaedit", "memit"] = "alphaedit"
+    profile: Literal["default", "paper"] = Field(
+        "default", description="hyper-parameter profile: the project's lifelong-editing set, or the paper's settings")
     layers: list[int] | None = Field(None, description="edited layers; default from the model's hyper-parameter file")
     corpus: str = Field("self", description="preserved-knowledge corpus: 'self' (model-generated text) or a text file/folder")
     stats_tokens: int | None = Field(None, description="token budget of the key statistics; default from hparams")

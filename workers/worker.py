@@ -59,8 +59,7 @@ class Worker:
         """Verify the ledger, load every active edit's factors, check the weights' digest."""
         started = time.perf_counter()
         with self.sessions() as session:
-            verified = repo.verify_chain(session)
-            active = repo.active_edits(session)
+            verified, active = repo.verified_active_edits(session)
             head_seq, _ = repo.head(session)
             digest = repo.head_digest(session)
         edits = [self._edit_factors(a.edit_id, a.batch_id, a.factors) for a in active]
@@ -81,6 +80,16 @@ class Worker:
                 f"edit {edit_id} touches layers {sorted(layers)} but this worker edits {self.editor.layers}"
             )
         return EditFactors(edit_id, batch_id, layers)
+
+    def _ledger_factors(self, edit_id: str) -> EditFactors | None:
+        """An applied edit's own factors, read back from the ledger (the editor keeps only sums)."""
+        if edit_id not in self.editor.store:
+            return None  # plan_revert says why
+        with self.sessions() as session:
+            edit = repo.get_edit(session, edit_id)
+            stored = repo.edit_factors(session, edit_id)
+            batch_id = edit.batch_id or ""
+        return self._edit_factors(edit_id, batch_id, stored)
 
     def recover_queue(self) -> int:
         """Re-publish unfinished operations missing from the queue (e.g. after Redis was flushed)."""
@@ -181,7 +190,7 @@ class Worker:
                     session, job.seq, factors=_stored(update, j), metrics_before=before[j].to_dict(),
                     metrics_after=after[j].to_dict() | {"target_steps": update.steps[j], "target_nll": update.target_nll[j]},
                     update_norms=update.update_norms[j], layers=self.editor.layers,
-                    weights_digest=swap.digest, model_version=version,
+                    weights_digest=swap.digest, model_version=version, settings=self.editor.settings(),
                 )
             session.commit()
         self._maybe_crash("after_commit")
@@ -193,7 +202,7 @@ class Worker:
 
     def _rollback(self, seq: int, edit_id: str) -> None:
         try:
-            swap = self.editor.plan_revert(edit_id)
+            swap = self.editor.plan_revert(edit_id, self._ledger_factors(edit_id))
         except KnowpatchError as exc:
             self._fail(seq, exc.message)
             return

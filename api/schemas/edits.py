@@ -140,6 +140,8 @@ class EditRecord(BaseModel):
     metrics_after: dict[str, Any] | None
     layers: list[int] | None
     update_norms: dict[str, float] | None
+    settings: dict[str, Any] | None = Field(
+        None, description="what produced the edit: method, hyper-parameter profile and every value")
     error: str | None
     rollback_reason: str | None
 
@@ -150,7 +152,9 @@ RECORD_EXAMPLE = {
     "created_at": TIME, "updated_at": TIME, "applied_at": TIME, "rolled_back_at": None, "seq": 41,
     "batch_id": "b7e1", "model_version": 41, "metrics_before": {"prompt": {"target_new": 0.01, "target_true": 0.9}},
     "metrics_after": {"prompt": {"target_new": 0.95, "target_true": 0.02}}, "layers": [4, 5, 6],
-    "update_norms": {"4": 1.2, "5": 1.1, "6": 0.9}, "error": None, "rollback_reason": None,
+    "update_norms": {"4": 1.2, "5": 1.1, "6": 0.9},
+    "settings": {"method": "alphaedit", "profile": "default", "hparams": {"v_lr": 0.5, "v_stop_greedy_margin": 0.0}},
+    "error": None, "rollback_reason": None,
 }
 
 

@@ -127,10 +127,11 @@ def _optimise(
             g = _gather(rows, is_kl, active, h0.device)
             batch, selected_for = suffix.select(g.rows), list(active)
         out = _run_suffix(tail, batch, delta[g.owner])
-        nll, kl = _losses(adapter, out, g, n, kl_init, first_step=step == 0)
+        nll, kl, greedy = _losses(adapter, out, g, n, kl_init, first_step=step == 0,
+                                  margin=hparams.v_stop_greedy_margin)
         decay = hparams.v_weight_decay * delta.norm(dim=1) / h0.norm(dim=1) ** 2
         loss = nll + hparams.kl_factor * kl + decay  # (n,): rows of inactive requests are 0
-        done = _converged(hparams, loss, nll, active, last=step == hparams.v_num_grad_steps - 1)
+        done = _converged(hparams, loss, nll, greedy, active, last=step == hparams.v_num_grad_steps - 1)
         for j in active:
             steps[j], nll_final[j] = step + 1, float(nll[j].detach())
         for j in done:
@@ -157,25 +158,36 @@ def _run_suffix(tail: torch.nn.Module, batch: SuffixBatch, delta_rows: torch.Ten
 
 
 def _losses(
-    adapter: ModelAdapter, out: torch.Tensor, g: _Gather, n: int, kl_init: torch.Tensor, first_step: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-request mean target NLL and KL(current ‖ initial) at the KL prompt's lookup, each (n,)."""
+    adapter: ModelAdapter, out: torch.Tensor, g: _Gather, n: int, kl_init: torch.Tensor, first_step: bool,
+    margin: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-request mean target NLL, KL(current ‖ initial) at the KL prompt's lookup, and whether every
+    target token is the argmax with `margin` to spare (all False when margin is None), each (n,)."""
     logp = torch.log_softmax(adapter.logits_at(out[g.tok_row, g.tok_pos]).float(), dim=-1)
-    token_nll = -logp.gather(1, g.tok_id[:, None])[:, 0] * g.tok_weight
+    target_logp = logp.gather(1, g.tok_id[:, None])[:, 0]
+    token_nll = -target_logp * g.tok_weight
     owner_of_token = g.owner[g.tok_row]
     nll = torch.zeros(n, device=out.device).index_add(0, owner_of_token, token_nll)
+    greedy = torch.zeros(n, dtype=torch.bool, device=out.device)
+    if margin is not None:
+        with torch.no_grad():
+            runner_up = logp.detach().scatter(1, g.tok_id[:, None], float("-inf")).max(dim=1).values
+            misses = (target_logp.detach() - runner_up < margin).float()
+            missed = torch.zeros(n, device=out.device).index_add(0, owner_of_token, misses)
+            greedy[g.owner.unique()] = missed[g.owner.unique()] == 0
     kl_logp = torch.log_softmax(adapter.logits_at(out[g.kl_local, 0]).float(), dim=-1)
     if first_step:
         kl_init[g.kl_owner] = kl_logp.detach()
     kl_each = F.kl_div(kl_init[g.kl_owner], kl_logp, log_target=True, reduction="none").sum(-1)
     kl = torch.zeros(n, device=out.device).index_add(0, g.kl_owner, kl_each)
-    return nll, kl
+    return nll, kl, greedy
 
 
-def _converged(hparams: HyperParams, loss: torch.Tensor, nll: torch.Tensor, active: list[int], last: bool) -> set[int]:
+def _converged(hparams: HyperParams, loss: torch.Tensor, nll: torch.Tensor, greedy: torch.Tensor,
+               active: list[int], last: bool) -> set[int]:
     if last:
         return set(active)
-    done = {j for j in active if float(loss[j].detach()) < hparams.v_stop_loss}
+    done = {j for j in active if float(loss[j].detach()) < hparams.v_stop_loss or bool(greedy[j])}
     if hparams.v_stop_nll is not None:
         done |= {j for j in active if float(nll[j].detach()) < hparams.v_stop_nll}
     return done

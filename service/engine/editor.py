@@ -12,6 +12,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -19,7 +20,7 @@ from service.concurrency import ReadWriteLock
 from service.engine import solve
 from service.engine.compute_z import compute_targets
 from service.engine.corpus import Corpus
-from service.engine.factors import EditFactors, FactorStore, LayerFactor
+from service.engine.factors import Change, EditFactors, FactorStore, LayerFactor, on_grid
 from service.engine.keys import key_rows, keys_and_outputs
 from service.engine.projector import NullSpace, null_space
 from service.engine.scoring import Score, continuation_row, score_rows
@@ -53,8 +54,15 @@ class WeightSwap:
 
     weights: dict[int, torch.Tensor]  # per layer, in the parameter's layout, dtype and device
     digest: str
-    add: list[EditFactors]
-    remove: list[str]
+    change: Change
+
+    @property
+    def add(self) -> list[EditFactors]:
+        return self.change.add
+
+    @property
+    def remove(self) -> list[str]:
+        return [e.edit_id for e in self.change.remove]
 
 
 class Editor:
@@ -65,6 +73,7 @@ class Editor:
         second_moments: dict[int, torch.Tensor],
         method: Method = "alphaedit",
         templates: list[str] | None = None,
+        keep_factors: bool = True,
     ) -> None:
         self.loaded = loaded
         self.model, self.tokenizer = loaded.model, loaded.tokenizer
@@ -82,7 +91,7 @@ class Editor:
         self._check_null_spaces()
         self.trace = LayerTrace(self.adapter, layers)
         bases = {layer: ns.basis if method == "alphaedit" else None for layer, ns in self.null_spaces.items()}
-        self.store = FactorStore({layer: self.adapter.weight(layer) for layer in layers}, bases)
+        self.store = FactorStore({layer: self.adapter.weight(layer) for layer in layers}, bases, keep_factors)
         self.templates = templates or context_templates(
             self.model, self.tokenizer, hparams.context_seed, hparams.context_template_len
         )
@@ -92,7 +101,7 @@ class Editor:
     @classmethod
     def create(
         cls, loaded: LoadedModel, hparams: HyperParams, corpus: Corpus, cache_dir: Path,
-        method: Method = "alphaedit", progress: bool = True,
+        method: Method = "alphaedit", progress: bool = True, keep_factors: bool = True,
     ) -> "Editor":
         """Collect (or load cached) key statistics over `corpus`, then build the editor."""
         adapter = ModelAdapter(loaded.model)
@@ -106,7 +115,7 @@ class Editor:
             )
         finally:
             trace.close()
-        return cls(loaded, hparams.with_overrides(layers=layers), moments, method)
+        return cls(loaded, hparams.with_overrides(layers=layers), moments, method, keep_factors=keep_factors)
 
     def _check_null_spaces(self) -> None:
         if self.method != "alphaedit":
@@ -135,7 +144,7 @@ class Editor:
         timings["keys_solve_s"] = time.perf_counter() - start
         edits = [
             EditFactors(edit_id, batch_id, {
-                layer: LayerFactor(r=pending[layer][1][:, j].cpu().clone(), a=pending[layer][0][:, j].cpu().clone(),
+                layer: LayerFactor(*on_grid(pending[layer][1][:, j].cpu(), pending[layer][0][:, j].cpu()),
                                    k=keys[layer][:, j].cpu().clone())
                 for layer in self.layers
             })
@@ -151,17 +160,20 @@ class Editor:
         for i, layer in enumerate(self.layers):
             keys, outputs = keys_and_outputs(self.adapter, self.trace, rows, n, [layer], last, pending)
             resid = solve.residuals(z, outputs, len(self.layers) - i)  # (d_out, n)
-            directions = self._directions(layer, keys[layer])  # (d_in, n)
+            directions = self._directions(layer, keys[layer], resid)  # (d_in, n)
             self._check_update(layer, directions, resid)
             pending[layer] = (directions.float(), resid.float())
         final_keys, _ = keys_and_outputs(self.adapter, self.trace, rows, n, self.layers, last, pending)
         return pending, final_keys
 
-    def _directions(self, layer: int, keys: torch.Tensor) -> torch.Tensor:
-        prior = self.store.prior(layer)
+    def _directions(self, layer: int, keys: torch.Tensor, resid: torch.Tensor) -> torch.Tensor:
+        prior, penalty = self.store.prior(layer), self.hparams.norm_penalty
+        pull = solve.norm_pull(self.store.accumulated(layer), resid, penalty) if penalty > 0 else None
         if self.method == "alphaedit":
-            return solve.alphaedit_directions(keys, self.null_spaces[layer].basis, prior, self.hparams.L2)
-        return solve.memit_directions(keys, self.second_moments[layer], prior, self.hparams.mom2_update_weight)
+            return solve.alphaedit_directions(keys, self.null_spaces[layer].basis, prior, self.hparams.L2,
+                                              penalty, pull)
+        return solve.memit_directions(keys, self.second_moments[layer], prior, self.hparams.mom2_update_weight,
+                                      penalty, pull)
 
     def _check_update(self, layer: int, directions: torch.Tensor, resid: torch.Tensor) -> None:
         # ||R Aᵀ||_F² = trace((AᵀA)(RᵀR)): no need to build the dense update
@@ -182,12 +194,17 @@ class Editor:
         duplicate = [e.edit_id for e in update.edits if e.edit_id in self.store]
         if duplicate:
             raise Conflict(f"edits already active in the model: {duplicate}")
-        return self._plan(add=list(update.edits), remove=[])
+        return self._plan(add=list(update.edits))
 
-    def plan_revert(self, edit_id: str) -> WeightSwap:
+    def plan_revert(self, edit_id: str, factors: EditFactors | None = None) -> WeightSwap:
+        """The weights without one active edit. `factors`: the edit's own, when the store does not
+        keep them (the worker reads them from the ledger)."""
         if edit_id not in self.store:
             raise Conflict(f"edit {edit_id} is not active in the model")
-        return self._plan(add=[], remove=[edit_id])
+        edit = factors or self.store.factors(edit_id)
+        if edit is None:
+            raise EditFailed(f"the factors of edit {edit_id} are needed to revert it; the model is unchanged")
+        return self._plan(remove=[edit])
 
     def install(self, swap: WeightSwap, version: int) -> None:
         """Swap the planned weights in together, under the write lock, and update the store."""
@@ -195,38 +212,31 @@ class Editor:
             for layer, weight in swap.weights.items():
                 self.adapter.assign(layer, weight)
             self.version = version
-        if swap.add:
-            self.store.add(swap.add)
-        for edit_id in swap.remove:
-            self.store.remove(edit_id)
+        self.store.apply(swap.change)
 
     def commit(self, update: BatchUpdate, version: int) -> None:
         """Make a computed batch live. On any failure the served weights stay as they were."""
         self.install(self.plan_commit(update), version)
 
-    def revert(self, edit_id: str, version: int) -> None:
-        self.install(self.plan_revert(edit_id), version)
+    def revert(self, edit_id: str, version: int, factors: EditFactors | None = None) -> None:
+        self.install(self.plan_revert(edit_id, factors), version)
 
     def load(self, edits: Sequence[EditFactors], version: int) -> None:
-        """Replay active edits (ledger order) onto a fresh editor, batch by batch."""
-        batch: list[EditFactors] = []
-        for edit in edits:
-            if batch and edit.batch_id != batch[-1].batch_id:
-                self.store.add(batch)
-                batch = []
-            batch.append(edit)
-        if batch:
-            self.store.add(batch)
-        self.install(self._plan(add=[], remove=[]), version)
+        """Replay active edits (ledger order) onto a fresh editor: the store's sums in one pass."""
+        self.install(self._plan(add=list(edits)), version)
 
-    def _plan(self, add: list[EditFactors], remove: list[str]) -> WeightSwap:
+    def _plan(self, add: Sequence[EditFactors] = (), remove: Sequence[EditFactors] = ()) -> WeightSwap:
+        try:
+            change = self.store.plan(add, remove)
+        except OverflowError as exc:
+            raise EditFailed(f"{exc}; the model is unchanged") from exc
         weights = {}
         for layer in self.layers:
-            composed = self.store.composed(layer, add, remove)
+            composed = self.store.weight_after(layer, change)
             if not torch.isfinite(composed).all():
                 raise EditFailed(f"layer {layer}: recomposed weight is not finite; the model is unchanged")
             weights[layer] = self.adapter.stored_layout(layer, composed)
-        return WeightSwap(weights, _digest(weights[layer] for layer in self.layers), add, remove)
+        return WeightSwap(weights, _digest(weights[layer] for layer in self.layers), change)
 
     # ---- reading -----------------------------------------------------------------------------
 
@@ -261,9 +271,16 @@ class Editor:
         rows = [continuation_row(self.tokenizer, prompt, c) for c in candidates]
         return score_rows(self.adapter, None, rows, self.tokenizer.pad_token_id)
 
+    def settings(self) -> dict[str, Any]:
+        """What produces this editor's edits: recorded with every edit in the ledger."""
+        return {"method": self.method, "profile": self.hparams.profile, "hparams": self.hparams.to_dict()}
+
     def info(self) -> dict:
+        memory = self.store.memory_bytes()
         return {
             "method": self.method,
+            "profile": self.hparams.profile,
+            "factor_store_bytes": memory,
             "layers": self.layers,
             "null_space_dims": {layer: ns.kept for layer, ns in self.null_spaces.items()},
             "null_space_fraction": {layer: round(ns.kept_fraction, 4) for layer, ns in self.null_spaces.items()},

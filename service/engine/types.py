@@ -45,6 +45,7 @@ class EditRequest:
 
 @dataclass(frozen=True)
 class HyperParams:
+    profile: str = "default"  # which named set of the model's file these came from (see load_hparams)
     layers: tuple[int, ...] = ()  # empty: the adapter's default band for the model's depth
     v_num_grad_steps: int = 25
     v_lr: float = 0.5
@@ -52,10 +53,16 @@ class HyperParams:
     clamp_norm_factor: float = 0.75
     kl_factor: float = 0.0625
     v_stop_loss: float = 5e-2  # the reference's early stop on the total loss
-    v_stop_nll: float | None = None  # ours: stop a request once its mean target NLL is below this
+    v_stop_nll: float | None = None  # stop a request once its mean target NLL is below this
+    # Most-probable early stopping (ENCORE): stop a request once every target token is the argmax on
+    # every rewriting prompt, ahead of the runner-up by at least this log-probability margin.
+    v_stop_greedy_margin: float | None = None
     nullspace_threshold: float = 2e-2  # absolute eigenvalue threshold of the paper
     nullspace_energy: float | None = None  # optional relative criterion (share of trace left out)
     L2: float = 10.0
+    # Norm control: weight of ||W - W0||_F^2 (the accumulated update) in the solve, restricted to
+    # updates of the batch's own rank-n form so every edit stays one revertible rank-one term.
+    norm_penalty: float = 0.0
     mom2_update_weight: float = 15000.0  # MEMIT's lambda on C0
     stats_tokens: int = 100_000
     stats_seq_len: int = 256
@@ -67,7 +74,7 @@ class HyperParams:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "HyperParams":
         known = {f.name for f in fields(cls)}
-        unknown = set(data) - known - {"match", "comment", "evidence"}
+        unknown = set(data) - known - {"match", "comment", "evidence", "profiles"}
         if unknown:
             raise ValueError(f"unknown hyper-parameters: {sorted(unknown)}")
         values = {k: v for k, v in data.items() if k in known}
@@ -87,8 +94,27 @@ class HyperParams:
         return data
 
 
-def load_hparams(model_name: str) -> HyperParams:
-    """The shipped set whose `match` list names the model, else the default set."""
+PROFILES = ("default", "paper")
+
+
+def load_hparams(model_name: str, profile: str = "default") -> HyperParams:
+    """The shipped set whose `match` list names the model (else the default set), in a profile.
+
+    "default" is the project's lifelong-editing set; "paper" applies the file's `profiles.paper`
+    overrides, the settings that reproduce the AlphaEdit paper's algorithm on that model.
+    """
+    if profile not in PROFILES:
+        raise ValueError(f"unknown profile {profile!r}; known: {', '.join(PROFILES)}")
+    data = _hparams_file(model_name)
+    overrides = data.get("profiles", {}).get(profile, {}) if profile != "default" else {}
+    unknown = set(overrides) - {f.name for f in fields(HyperParams)}
+    if unknown:
+        raise ValueError(f"profile {profile}: unknown hyper-parameters {sorted(unknown)}")
+    values = {**{k: v for k, v in data.items() if k != "profiles"}, **overrides}  # a profile may set None
+    return HyperParams.from_dict({**values, "profile": profile})
+
+
+def _hparams_file(model_name: str) -> dict[str, Any]:
     folder = resources.files("service.engine") / "hparams"
     key = model_name.lower().rstrip("/").rsplit("/", 1)[-1]
     for entry in sorted(folder.iterdir(), key=lambda e: e.name):
@@ -96,8 +122,8 @@ def load_hparams(model_name: str) -> HyperParams:
             continue
         data = json.loads(entry.read_text())
         if key in [m.lower() for m in data.get("match", [])]:
-            return HyperParams.from_dict(data)
-    return HyperParams.from_dict(json.loads((folder / "default.json").read_text()))
+            return data
+    return json.loads((folder / "default.json").read_text())
 
 
 @dataclass

@@ -20,7 +20,7 @@ from typing import Any
 from service.errors import KnowpatchError
 from service.eval.backend import Backend
 from service.eval.data import DEFAULT_PATHS, load_cases, load_heldout, load_knowns
-from service.eval.report import metrics_table, write_comparison, write_run
+from service.eval.report import metrics_table, write_comparison, write_partial, write_run
 from service.eval.runner import EvalInputs, ProtocolSettings, run_protocol
 
 log = logging.getLogger(__name__)
@@ -57,6 +57,13 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
     protocol.add_argument("--batch-size", type=int, default=50, help="edits per batch (50)")
     protocol.add_argument("--checkpoint-every", type=int, default=0,
                           help="score the cases edited so far every k edits (0: about five checkpoints)")
+    protocol.add_argument("--checkpoints", type=_int_list,
+                          help="explicit checkpoints, e.g. 1000,2000,5000 (instead of --checkpoint-every)")
+    protocol.add_argument("--sample", type=int,
+                          help="score a fixed random sample of at most this many of the cases edited so far")
+    protocol.add_argument("--first-k", type=int, help="also report the case metrics of the first k cases")
+    protocol.add_argument("--fluency-n", type=int,
+                          help="fluency at every checkpoint on this many sampled cases (default: all, ends only)")
     protocol.add_argument("--out", type=Path, help="run folder (default eval-results/<dataset>-<method>-n<n>-<time>)")
     protocol.add_argument("--quiet", action="store_true", help="no progress bars")
     editing = p.add_argument_group("editing (in-process)")
@@ -69,8 +76,18 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
     editing.add_argument("--nullspace-threshold", type=float)
     editing.add_argument("--nullspace-energy", type=float)
     editing.add_argument("--layers", type=parse_layers, help="edited layers, e.g. 4,5,6,7,8 or 4-8")
+    editing.add_argument("--profile", choices=["default", "paper"], default="default",
+                         help="hyper-parameter profile of the model's file: the project's lifelong set or the paper's")
     editing.add_argument("--v-lr", type=float)
     editing.add_argument("--v-steps", type=int, help="compute_z steps (v_num_grad_steps)")
+    editing.add_argument("--v-stop-nll", type=_float_or_off, help="stop a target at this mean NLL ('off': never)")
+    editing.add_argument("--v-stop-greedy-margin", type=_float_or_off,
+                         help="most-probable early stop: every target token the argmax by this log-prob margin ('off')")
+    editing.add_argument("--norm-penalty", type=float, help="weight of the accumulated-update norm in the solve")
+    editing.add_argument("--l2", type=float, help="AlphaEdit's ridge L2")
+    editing.add_argument("--mom2-weight", type=float, help="MEMIT's lambda on C0 (mom2_update_weight)")
+    editing.add_argument("--clamp-norm-factor", type=float, help="largest ||delta|| / ||h0|| of a target")
+    editing.add_argument("--kl-factor", type=float, help="weight of the KL term of the target optimisation")
     editing.add_argument("--seed", type=int, default=0, help="context templates, self corpus, torch")
     editing.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help="converted models and statistics")
     service = p.add_argument_group("service (over HTTP)")
@@ -83,6 +100,14 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
     c.add_argument("runs", nargs="+", type=Path, help="run folders written by `knowpatch eval`")
     c.add_argument("--out", type=Path, required=True, help="folder for comparison.md and the plots")
     c.set_defaults(func=run_compare)
+
+
+def _float_or_off(text: str) -> float | str:
+    return "off" if text == "off" else float(text)
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.split(","))
 
 
 def _checkpoint_every(args: argparse.Namespace) -> int:
@@ -116,9 +141,13 @@ def _open_backend(args: argparse.Namespace, inputs: EvalInputs) -> tuple[Backend
 
     overrides = {"stats_tokens": args.stats_tokens, "nullspace_threshold": args.nullspace_threshold,
                  "nullspace_energy": args.nullspace_energy, "layers": args.layers, "v_lr": args.v_lr,
-                 "v_num_grad_steps": args.v_steps}
+                 "v_num_grad_steps": args.v_steps, "v_stop_nll": args.v_stop_nll,
+                 "v_stop_greedy_margin": args.v_stop_greedy_margin, "norm_penalty": args.norm_penalty,
+                 "L2": args.l2, "mom2_update_weight": args.mom2_weight,
+                 "clamp_norm_factor": args.clamp_norm_factor, "kl_factor": args.kl_factor}
+    given = {k: (None if v == "off" else v) for k, v in overrides.items() if v is not None}
     setup = LocalSetup(_device(args.device), args.model, args.dtype, args.cache_dir, args.method, args.corpus,
-                       args.seed, {k: v for k, v in overrides.items() if v is not None})
+                       args.seed, args.profile, given)
     editor, timings = open_editor(setup, inputs.heldout, progress=not args.quiet)
     return LocalBackend(editor), timings
 
@@ -137,6 +166,8 @@ def _config(args: argparse.Namespace, data: dict[str, Any], described: dict[str,
     config = {
         "dataset": args.dataset, "n": args.n, "batch_size": args.batch_size, "checkpoint_every": every,
         "method": args.method, "model": args.model, "corpus": args.corpus, "seed": args.seed,
+        "profile": args.profile, "checkpoints": list(args.checkpoints or ()), "sample": args.sample,
+        "first_k": args.first_k, "fluency_n": args.fluency_n,
         "control_n": args.control_n, "control_tokens": args.control_tokens, "ppl_chunks": args.ppl_chunks,
         "fluency_tokens": args.fluency_tokens, "url": args.url, **data, **described, "versions": _versions(),
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
@@ -152,17 +183,20 @@ def run_eval(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     every = _checkpoint_every(args)
     inputs, data = _inputs(args)
-    settings = ProtocolSettings(args.dataset, args.batch_size, every, args.fluency_tokens, args.control_tokens)
+    settings = ProtocolSettings(args.dataset, args.batch_size, every, args.fluency_tokens, args.control_tokens,
+                                args.checkpoints or (), args.sample, args.seed, args.first_k, args.fluency_n)
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    out = args.out or Path("eval-results") / f"{args.dataset}-{args.method}-n{args.n}-{stamp}"
     backend, setup_timings = _open_backend(args, inputs)
     try:
-        results = run_protocol(backend, inputs, settings, progress=not args.quiet)
+        config = _config(args, data, backend.describe(), every)
+        results = run_protocol(backend, inputs, settings, progress=not args.quiet,
+                               on_checkpoint=lambda partial: write_partial(partial, config, out))
         described = backend.describe()
     finally:
         backend.close()
     results["config"] = _config(args, data, described, every)
     results["timings"] = {**setup_timings, **results["timings"], "total_s": time.perf_counter() - start}
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    out = args.out or Path("eval-results") / f"{args.dataset}-{args.method}-n{args.n}-{stamp}"
     write_run(results, out)
     print(metrics_table([results]))
     print(f"{results['edits_applied']} of {args.n} edits applied; {results['timings']['total_s']:.1f} s; "

@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,8 @@ class LocalSetup:
     method: Method = "alphaedit"
     corpus: str = "self"  # "self" or a text file / folder
     seed: int = 0
-    overrides: dict[str, Any] = field(default_factory=dict)  # HyperParams fields
+    profile: str = "default"  # the hparams file's profile: "default" or "paper"
+    overrides: dict[str, Any] = field(default_factory=dict)  # HyperParams fields; None unsets an optional one
 
 
 def make_corpus(spec: str, loaded: LoadedModel, seed: int) -> Corpus:
@@ -44,7 +45,9 @@ def make_corpus(spec: str, loaded: LoadedModel, seed: int) -> Corpus:
 
 
 def hyperparameters(setup: LocalSetup) -> HyperParams:
-    return load_hparams(setup.model).with_overrides(context_seed=setup.seed, **setup.overrides)
+    base = load_hparams(setup.model, setup.profile).with_overrides(context_seed=setup.seed)
+    overrides = {k: tuple(v) if k == "layers" else v for k, v in setup.overrides.items()}
+    return replace(base, **overrides)
 
 
 def check_heldout_disjoint(loaded: LoadedModel, corpus: Corpus, heldout: HeldOutText, stats_tokens: int) -> None:

@@ -39,6 +39,16 @@ def write_run(results: dict[str, Any], out_dir: Path) -> list[Path]:
     return written + plot_runs([summary], out_dir)
 
 
+def write_partial(partial: dict[str, Any], config: dict[str, Any], out_dir: Path) -> Path:
+    """The checkpoints so far, as partial.json: a long run that dies keeps what it measured."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "partial.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"config": config, **partial}, indent=1, default=str))
+    tmp.replace(path)
+    return path
+
+
 def load_run(path: str | Path) -> dict[str, Any]:
     """A run's results.json, from the file or its folder."""
     path = Path(path)

@@ -104,6 +104,7 @@ class Edit(Base):
     metrics_after: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     layers: Mapped[list[Any] | None] = mapped_column(JSON)
     update_norms: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # {str(layer): norm}
+    settings: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # method, profile, hyper-parameters
     error: Mapped[str | None] = mapped_column(Text)
     rollback_reason: Mapped[str | None] = mapped_column(Text)
 

@@ -364,7 +364,7 @@ def mark_applying(session: Session, ops: Iterable[Operation], batch_id: str) -> 
 def record_applied(session: Session, op: Operation, *, factors: list[StoredFactor],
                    metrics_before: dict[str, Any] | None, metrics_after: dict[str, Any] | None,
                    update_norms: dict[Any, float], layers: list[int], weights_digest: str,
-                   model_version: int) -> None:
+                   model_version: int, settings: dict[str, Any] | None = None) -> None:
     """The edit is live: store its factors, chain the op, mark the edit applied."""
     _lock_ledger(session)
     op = _locked_op(session, op)
@@ -391,6 +391,7 @@ def record_applied(session: Session, op: Operation, *, factors: list[StoredFacto
     edit.metrics_after = metrics_after
     edit.update_norms = {str(k): float(v) for k, v in update_norms.items()}  # JSON keys are strings anyway
     edit.layers = [int(layer) for layer in layers]
+    edit.settings = settings
     edit.error = None
     _event(session, edit.id, "applied", seq=op.seq)
     session.flush()
@@ -454,10 +455,13 @@ def _factors_by_edit(session: Session, edit_ids: Sequence[str] | None) -> dict[s
 
 def active_edits(session: Session) -> list[ActiveEdit]:
     """Applied, not rolled back edits in seq order, with their factors: what the weights are made of."""
+    return _active_from(session, _factors_by_edit(session, None))
+
+
+def _active_from(session: Session, factors: dict[str, list[EditFactor]]) -> list[ActiveEdit]:
     edits = session.execute(
         select(Edit.id, Edit.seq, Edit.batch_id).where(Edit.status == "applied").order_by(Edit.seq)
     ).all()
-    factors = _factors_by_edit(session, None)
     active = []
     for e in edits:
         if e.batch_id is None or not factors.get(e.id):
@@ -465,6 +469,16 @@ def active_edits(session: Session) -> list[ActiveEdit]:
         active.append(ActiveEdit(edit_id=e.id, seq=int(e.seq), batch_id=e.batch_id,
                                  factors=[_stored(r) for r in factors[e.id]]))
     return active
+
+
+def verified_active_edits(session: Session) -> tuple[int, list[ActiveEdit]]:
+    """verify_chain and active_edits with one read of the factor rows (a replay's whole input):
+    (operations verified, active edits)."""
+    session.flush()
+    ops = list(session.scalars(select(Operation).where(Operation.status == "done").order_by(Operation.seq)))
+    factors = _factors_by_edit(session, [op.edit_id for op in ops if op.kind == "apply"])
+    _verify_links(ops, factors)
+    return len(ops), _active_from(session, factors)
 
 
 def _last_done(session: Session) -> Operation | None:
@@ -492,7 +506,11 @@ def verify_chain(session: Session) -> int:
     """Recompute every factor checksum and every link; raise LedgerCorrupt at the first bad seq."""
     session.flush()
     ops = list(session.scalars(select(Operation).where(Operation.status == "done").order_by(Operation.seq)))
-    factors = _factors_by_edit(session, [op.edit_id for op in ops if op.kind == "apply"])
+    _verify_links(ops, _factors_by_edit(session, [op.edit_id for op in ops if op.kind == "apply"]))
+    return len(ops)
+
+
+def _verify_links(ops: Sequence[Operation], factors: dict[str, list[EditFactor]]) -> None:
     prev = ZERO_HASH
     for op in ops:
         checksums: list[tuple[int, str]] = []
@@ -510,7 +528,6 @@ def verify_chain(session: Session) -> int:
         if op.hash != _link_hash(prev, op, checksums):
             raise LedgerCorrupt(f"ledger corrupt at seq {op.seq}: its hash does not match its content")
         prev = op.hash
-    return len(ops)
 
 
 def queued_operation_seqs(session: Session) -> list[int]:

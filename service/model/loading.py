@@ -64,7 +64,33 @@ def _convert_gguf(gguf: Path, target: Path, dtype: torch.dtype) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    tmp.rename(target)
+    try:
+        tmp.rename(target)
+    except OSError:
+        if not (target / "config.json").is_file():
+            raise
+        # Another process finished the same conversion first: take it, drop ours.
+        log.info("another process converted %s first; using its copy", target.name)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def remove_stale_temporaries(target: Path) -> None:
+    """Conversion folders left by processes that died mid-way (`<target>.tmp<pid>`, pid gone)."""
+    for tmp in target.parent.glob(target.name + ".tmp*"):
+        pid = tmp.name.rsplit(".tmp", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            log.info("removing %s, left by a conversion that did not finish", tmp)
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _embedded_checkpoint(cache_dir: Path) -> Path:
@@ -73,6 +99,7 @@ def _embedded_checkpoint(cache_dir: Path) -> Path:
     target = cache_dir / "models" / f"smollm2-135m-instruct-{digest}"
     if not (target / "config.json").is_file():
         target.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(target)
         _convert_gguf(gguf, target, torch.float32)
     return target
 

@@ -91,13 +91,14 @@ def test_factor_shapes_and_exact_revert(editors, tiny):
     fresh.load([e for e in update.edits + second.edits if e.edit_id != "a"], version=3)
     for layer in editor.layers:  # revert == recomposition from scratch, bit for bit
         assert torch.equal(fresh.adapter.edited_module(layer).weight, adapter.edited_module(layer).weight)
-        assert torch.equal(fresh.store.prior(layer), editor.store.prior(layer))
+        # C_p is a float64 running sum (exact up to rounding): it shapes later edits only
+        torch.testing.assert_close(fresh.store.prior(layer), editor.store.prior(layer), rtol=1e-12, atol=1e-12)
     fresh.close()
     editor.revert("b", version=4)
     editor.revert("c", version=5)
     for layer in editor.layers:
         assert torch.equal(base[layer], adapter.edited_module(layer).weight)
-        assert not editor.store.prior(layer).any()
+        assert float(editor.store.prior(layer).abs().max()) < 1e-9
 
 
 def test_null_space_property(editors):
