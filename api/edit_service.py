@@ -19,7 +19,7 @@ from api.schemas.edits import (
     RollbackAccepted,
 )
 from service.engine.types import EditRequest
-from service.engine.validation import validate_request
+from service.engine.validation import check_json_text, validate_request
 from service.errors import InvalidRequest
 from service.ledger import repository as repo
 from service.ledger.models import Edit, IdempotencyKey, Operation
@@ -33,6 +33,7 @@ def stored_request(edit: EditIn, label: str) -> dict[str, object]:
     request = EditRequest.from_dict(edit.model_dump())
     try:
         validate_request(request)
+        check_json_text("metadata", edit.metadata)  # stored (and hashed) with the request
     except InvalidRequest as exc:
         raise InvalidRequest(f"{label}{exc.message}") from None
     data = request.to_dict()

@@ -10,6 +10,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from api.schemas.common import UNION_TAGS
 from service.errors import (
@@ -87,17 +88,33 @@ def describe_validation(errors: Iterable[dict[str, Any]]) -> tuple[int, str]:
     return 422, "invalid request: " + "; ".join(lines)
 
 
-def _http_error(request: Request, exc: StarletteHTTPException) -> tuple[int, str, str]:
+# Probed in this order for a 405's Allow header.
+HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
+def allowed_methods(request: Request) -> list[str]:
+    """The methods some route serves on the request's path. Starlette's 405 names those of the first
+    route that matches the path only (GET /edits and POST /edits are two routes); asking every route
+    whether it would take each method uses only the routes' public matches()."""
+    routes = request.app.router.routes
+    return [method for method in HTTP_METHODS
+            if any(route.matches({**request.scope, "method": method})[0] == Match.FULL for route in routes)]
+
+
+def _http_error(request: Request, exc: StarletteHTTPException) -> tuple[int, str, str, dict[str, str]]:
+    headers = dict(exc.headers or {})
     if exc.status_code == 404 and exc.detail == "Not Found":
-        return 404, "NotFound", f"no route {request.method} {request.url.path}; the routes are listed at GET /docs"
+        message = f"no route {request.method} {request.url.path}; the routes are listed at GET /docs"
+        return 404, "NotFound", message, headers
     if exc.status_code == 405:
-        allowed = (exc.headers or {}).get("Allow", "")
-        return 405, "MethodNotAllowed", f"{request.method} is not allowed on {request.url.path}; use {allowed}"
+        headers["Allow"] = ", ".join(allowed_methods(request)) or headers.get("Allow", "")
+        message = f"{request.method} is not allowed on {request.url.path}; use {headers['Allow']}"
+        return 405, "MethodNotAllowed", message, headers
     try:
         name = HTTPStatus(exc.status_code).phrase.replace(" ", "")
     except ValueError:
         name = "HTTPError"
-    return exc.status_code, name, str(exc.detail)
+    return exc.status_code, name, str(exc.detail), headers
 
 
 def _describe(request: Request, exc: Exception) -> tuple[int, str, str, dict[str, str]]:
@@ -108,8 +125,7 @@ def _describe(request: Request, exc: Exception) -> tuple[int, str, str, dict[str
         status, message = describe_validation(exc.errors())
         return status, "InvalidRequest", message, {}
     if isinstance(exc, StarletteHTTPException):
-        status, name, message = _http_error(request, exc)
-        return status, name, message, dict(exc.headers or {})
+        return _http_error(request, exc)
     log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return 500, "InternalError", "internal error; the server log has the details", {}
 

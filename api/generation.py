@@ -17,7 +17,7 @@ from fastapi.responses import StreamingResponse
 
 from api.errors import error_body
 from api.metrics import ApiMetrics
-from api.schemas.generation import GenerateIn, GenerateOut
+from api.schemas.generation import DEFAULT_MAX_NEW_TOKENS, GenerateIn, GenerateOut
 from api.schemas.openai import Usage, chunk, finish_reason, new_id, now
 from service.errors import InvalidRequest, KnowpatchError, Unavailable
 from service.inference import GenerateParams, GenerateResult, InferenceBackend, StreamEvent
@@ -36,8 +36,12 @@ def check_max_tokens(value: int, limit: int, name: str) -> int:
 
 def tgi_params(body: GenerateIn, limit: int) -> GenerateParams:
     p = body.parameters
+    if p.max_new_tokens is None:  # the default, clamped: a lower limit is no fault of the caller
+        max_new_tokens = min(DEFAULT_MAX_NEW_TOKENS, limit)
+    else:
+        max_new_tokens = check_max_tokens(p.max_new_tokens, limit, "parameters.max_new_tokens")
     return GenerateParams(
-        inputs=body.inputs, max_new_tokens=check_max_tokens(p.max_new_tokens, limit, "parameters.max_new_tokens"),
+        inputs=body.inputs, max_new_tokens=max_new_tokens,
         temperature=p.temperature, top_p=p.top_p, top_k=p.top_k, do_sample=p.do_sample, seed=p.seed,
         stop=tuple(p.stop), min_model_version=body.min_model_version)
 

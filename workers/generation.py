@@ -31,8 +31,9 @@ def _next_token(logits: torch.Tensor, params: GenerateParams, generator: torch.G
     if not params.do_sample or params.temperature == 0:
         return int(logits.argmax())
     # Shift before scaling: a tiny temperature then sends the others to -inf, not the top one to +inf
-    # (inf - inf in the softmax would be NaN).
-    logits = (logits - logits.max()) / params.temperature
+    # (inf - inf in the softmax would be NaN). Scale in float64, where every positive temperature is
+    # a number: float32 rounds one below ~1e-45 (1e-300, say) to 0, and the top logit's 0 / 0 is NaN.
+    logits = (logits - logits.max()).double() / params.temperature
     if params.top_k > 0:
         kth = torch.topk(logits, min(params.top_k, logits.shape[0])).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))

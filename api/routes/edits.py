@@ -9,7 +9,9 @@ from api import edit_service
 from api.deps import EditAdmin, EditWriter, LedgerDep, QueueDep, SettingsDep
 from api.errors import error_responses
 from api.schemas.edits import (
+    CURSOR_PATTERN,
     EDIT_EXAMPLE,
+    MAX_CURSOR_CHARS,
     EditAccepted,
     EditAudit,
     EditIn,
@@ -20,6 +22,7 @@ from api.schemas.edits import (
     RollbackAccepted,
     RollbackIn,
 )
+from service.engine.validation import MAX_SUBJECT_CHARS
 
 router = APIRouter(prefix="/edits", tags=["edits"])
 SUBMISSION_EXAMPLES = {
@@ -49,8 +52,10 @@ def submit_edits(caller: EditWriter, body: Annotated[EditSubmission, Body(openap
 @router.get("", response_model=EditPage, responses=error_responses(401, 403, 422), summary="List edits, newest first")
 def list_edits(_: EditWriter, ledger: LedgerDep,
                status: Annotated[EditStatus | None, Query(description="only edits in this status")] = None,
-               subject: Annotated[str | None, Query(description="only edits of exactly this subject")] = None,
-               cursor: Annotated[str | None, Query(description="next_cursor of the previous page")] = None,
+               subject: Annotated[str | None, Query(description="only edits of exactly this subject",
+                                                    max_length=MAX_SUBJECT_CHARS)] = None,
+               cursor: Annotated[str | None, Query(description="next_cursor of the previous page, unchanged",
+                                                   max_length=MAX_CURSOR_CHARS, pattern=CURSOR_PATTERN)] = None,
                limit: Annotated[int, Query(ge=1, le=200)] = 50) -> EditPage:
     return edit_service.list_records(ledger, status=status, subject=subject, cursor=cursor, limit=limit)
 

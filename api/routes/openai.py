@@ -8,6 +8,7 @@ from api import generation
 from api.deps import BackendDep, GenerateCaller, MetricsDep, ModelNameDep, SettingsDep
 from api.errors import error_responses
 from api.schemas.openai import (
+    DEFAULT_COMPLETION_MAX_TOKENS,
     ChatCompletionIn,
     ChatCompletionOut,
     CompletionIn,
@@ -39,7 +40,7 @@ async def completions(_: GenerateCaller, body: CompletionIn, response: Response,
                       settings: SettingsDep, metrics: MetricsDep,
                       model: ModelNameDep) -> CompletionOut | StreamingResponse:
     limit = settings.max_new_tokens_limit
-    params = _params(body, body.prompt, body.max_tokens or min(16, limit), limit)
+    params = _params(body, body.prompt, body.max_tokens or min(DEFAULT_COMPLETION_MAX_TOKENS, limit), limit)
     if body.stream:
         fmt = generation.OpenAIFormat(model=model, chat=False)
         return await generation.stream(backend, params, fmt, metrics, "v1_completions")

@@ -7,13 +7,17 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator
 
-from api.schemas.common import EDIT_LIST_TAG, SINGLE_EDIT_TAG, NonBlank
+from api.schemas.common import EDIT_LIST_TAG, NON_BLANK_PATTERN, SINGLE_EDIT_TAG, NonBlank
 from service.engine.types import Method
+from service.engine.validation import MAX_EXTRA_PROMPTS, MAX_PROMPT_CHARS, MAX_SUBJECT_CHARS, MAX_TARGET_CHARS
 
 EditStatus = Literal["queued", "applying", "applied", "failed", "rolled_back", "cancelled"]  # models.EDIT_STATUSES
 MAX_EDITS_PER_REQUEST = 256
 MAX_METADATA_CHARS = 4096
 MAX_REASON_CHARS = 1000
+# What the ledger's cursors look like (repository._encode_cursor: URL-safe base64, unpadded).
+CURSOR_PATTERN = r"^[A-Za-z0-9_-]+={0,2}$"
+MAX_CURSOR_CHARS = 64
 
 EDIT_EXAMPLE = {
     "subject": "Eiffel Tower",
@@ -28,19 +32,38 @@ TIME = "2026-01-05T10:00:00Z"
 EDIT_ID = "3f1c2a9e-6b1d-4c55-9a43-0f6f2b1c8d7e"
 
 
+def text_schema(limit: int) -> dict[str, Any]:
+    """The rules validate_request enforces on a text field, for the OpenAPI document only: that check
+    is shared with the engine and words its own messages. Not blank ("\\S" is a necessary condition:
+    zero-width characters alone are refused too), at most `limit` characters."""
+    return {"minLength": 1, "maxLength": limit, "pattern": NON_BLANK_PATTERN}
+
+
+def prompts_schema() -> dict[str, Any]:
+    return {"maxItems": MAX_EXTRA_PROMPTS, "items": {"type": "string", **text_schema(MAX_PROMPT_CHARS)}}
+
+
 class EditIn(BaseModel):
-    """One fact edit: make the model complete `prompt` (which names `subject`) with `target_new`."""
+    """One fact edit: make the model complete `prompt` (which names `subject`) with `target_new`.
+    Text must not be blank, nor contain NUL characters or lone surrogates."""
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [EDIT_EXAMPLE]})
 
-    subject: str = Field(description="the entity whose fact changes; appears verbatim in the prompt, or as '{}'")
-    prompt: str = Field(description="text that the new fact completes, containing the subject")
-    target_new: str = Field(description="the new completion")
-    target_true: str | None = Field(None, description="the current completion, for the before/after metrics")
-    rephrase_prompts: list[str] = Field(default_factory=list, description="paraphrases that should also change")
-    locality_prompts: list[str] = Field(default_factory=list, description="unrelated prompts that must not change")
+    subject: str = Field(description="the entity whose fact changes; appears verbatim in the prompt, or as '{}'",
+                         json_schema_extra=text_schema(MAX_SUBJECT_CHARS))
+    prompt: str = Field(description="text that the new fact completes, containing the subject",
+                        json_schema_extra=text_schema(MAX_PROMPT_CHARS))
+    target_new: str = Field(description="the new completion", json_schema_extra=text_schema(MAX_TARGET_CHARS))
+    target_true: str | None = Field(None, description="the current completion, for the before/after metrics; "
+                                                      "must differ from target_new",
+                                    json_schema_extra=text_schema(MAX_TARGET_CHARS))
+    rephrase_prompts: list[str] = Field(default_factory=list, description="paraphrases that should also change",
+                                        json_schema_extra=prompts_schema())
+    locality_prompts: list[str] = Field(default_factory=list, description="unrelated prompts that must not change",
+                                        json_schema_extra=prompts_schema())
     method: Method | None = Field(None, description="editing method; default: the server's KNOWPATCH_METHOD")
-    metadata: dict[str, Any] | None = Field(None, description="free JSON kept with the request for audit")
+    metadata: dict[str, Any] | None = Field(None, description=f"free JSON kept with the request for audit, at most "
+                                                              f"{MAX_METADATA_CHARS} characters as JSON")
 
     @field_validator("metadata")
     @classmethod

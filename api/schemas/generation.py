@@ -5,29 +5,33 @@ from typing import Annotated
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from api.schemas.common import NonBlank, not_blank
+from api.schemas.common import NON_BLANK_PATTERN, NonBlank, PlainText, not_blank
 from service.inference import GenerateResult, ScoreResult
 
 MAX_INPUT_CHARS = 8000
+DEFAULT_MAX_NEW_TOKENS = 32
 MAX_STOP_SEQUENCES = 8
 MAX_CANDIDATES = 32
 # A candidate may be a whole passage (its perplexity); the model's context is the real bound, checked by the backend.
 MAX_CANDIDATE_CHARS = MAX_INPUT_CHARS
 
 
-Candidate = Annotated[str, Field(min_length=1, max_length=MAX_CANDIDATE_CHARS), AfterValidator(not_blank)]
+Candidate = Annotated[str, Field(min_length=1, max_length=MAX_CANDIDATE_CHARS,
+                                 json_schema_extra={"pattern": NON_BLANK_PATTERN}), AfterValidator(not_blank)]
 
 
 class GenerateParameters(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    max_new_tokens: int = Field(32, ge=1, description="at most KNOWPATCH_MAX_NEW_TOKENS_LIMIT")
+    # None rather than a number: the default must follow the server's limit (api.generation.tgi_params).
+    max_new_tokens: int | None = Field(None, ge=1, description=f"at most KNOWPATCH_MAX_NEW_TOKENS_LIMIT; default "
+                                                               f"{DEFAULT_MAX_NEW_TOKENS}, or that limit if lower")
     temperature: float = Field(1.0, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=0, description="0: no top-k filter")
     do_sample: bool = Field(False, description="false: greedy decoding")
     seed: int | None = None
-    stop: list[str] = Field(default_factory=list, max_length=MAX_STOP_SEQUENCES)
+    stop: list[PlainText] = Field(default_factory=list, max_length=MAX_STOP_SEQUENCES)
 
 
 class GenerateIn(BaseModel):

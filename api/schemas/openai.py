@@ -11,11 +11,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from api.schemas.common import NonBlank
+from api.schemas.common import NonBlank, plain_text
 from api.schemas.generation import MAX_INPUT_CHARS, MAX_STOP_SEQUENCES
 from service.inference import GenerateResult
 
 MAX_MESSAGES = 128
+DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's; the route clamps it to the server's limit
 FINISH_REASONS = {"length": "length", "stop": "stop", "eos": "stop"}
 
 
@@ -38,7 +39,7 @@ class SamplingIn(BaseModel):
         stops = [value] if isinstance(value, str) else list(value or [])
         if len(stops) > MAX_STOP_SEQUENCES:
             raise ValueError(f"{len(stops)} stop sequences; the limit is {MAX_STOP_SEQUENCES}")
-        return stops
+        return [plain_text(stop) for stop in stops]
 
     def stop_sequences(self) -> tuple[str, ...]:
         return tuple(self.stop or ())
@@ -49,7 +50,8 @@ class CompletionIn(SamplingIn):
         "prompt": "The Eiffel Tower is located in the city of", "max_tokens": 8, "temperature": 0}]})
 
     prompt: NonBlank = Field(min_length=1, max_length=MAX_INPUT_CHARS)
-    max_tokens: int | None = Field(16, ge=1, description="at most KNOWPATCH_MAX_NEW_TOKENS_LIMIT")
+    max_tokens: int | None = Field(None, ge=1, description="at most KNOWPATCH_MAX_NEW_TOKENS_LIMIT; default "
+                                                           f"{DEFAULT_COMPLETION_MAX_TOKENS}, or that limit if lower")
 
 
 class ChatMessage(BaseModel):

@@ -1,6 +1,9 @@
 """Checks on edit requests, shared by the API (before anything is written) and the engine."""
 from __future__ import annotations
 
+import unicodedata
+from typing import Any
+
 from service.engine.types import EditRequest
 from service.errors import InvalidRequest
 
@@ -10,11 +13,45 @@ MAX_TARGET_CHARS = 200
 MAX_EXTRA_PROMPTS = 16
 
 
+def is_blank(value: str) -> bool:
+    """Nothing visible: only whitespace, control and format characters (zero-width space, BOM, ...),
+    which str.strip() alone would let through."""
+    return all(c.isspace() or unicodedata.category(c) in ("Cc", "Cf") for c in value)
+
+
+def text_problem(value: str) -> str | None:
+    """Why the ledgers cannot store `value`, or None. A lone surrogate has no UTF-8 encoding (JSON
+    escapes such as "\\ud800" decode to one), and Postgres text refuses NUL while SQLite keeps it:
+    both are refused so that every ledger accepts the same requests."""
+    if "\x00" in value:
+        return "contains a NUL character (U+0000)"
+    surrogate = next((c for c in value if "\ud800" <= c <= "\udfff"), None)
+    if surrogate is not None:
+        return f"contains a lone surrogate (U+{ord(surrogate):04X}), which is not valid Unicode text"
+    return None
+
+
+def check_json_text(name: str, value: Any) -> None:
+    """Raise InvalidRequest if a string anywhere in JSON data `value` (keys included) has a text_problem."""
+    if isinstance(value, str):
+        problem = text_problem(value)
+        if problem:
+            raise InvalidRequest(f"{name} {problem}")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            check_json_text(f"a key of {name}", key)
+            check_json_text(f"{name}.{key}", item)
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            check_json_text(f"{name}[{i}]", item)
+
+
 def _check_text(name: str, value: object, limit: int) -> str:
-    if not isinstance(value, str) or not value.strip():
+    if not isinstance(value, str) or is_blank(value):
         raise InvalidRequest(f"{name} must be a non-empty string")
     if len(value) > limit:
         raise InvalidRequest(f"{name} is {len(value)} characters; the limit is {limit}")
+    check_json_text(name, value)
     return value
 
 

@@ -37,6 +37,8 @@ from service.ledger.models import (
 # were never done, so they count as waiting (and come back from next_operations).
 PENDING = ("queued", "applying")
 MAX_PAGE = 500
+# operations.seq is an INTEGER column, 32 bits on Postgres: no seq is larger on any ledger.
+MAX_SEQ = 2**31 - 1
 # Arbitrary constant key of the Postgres advisory lock that serializes appends to the ledger.
 _PG_LEDGER_LOCK = 0x6B6E6F77  # "know"
 
@@ -224,7 +226,9 @@ def _decode_cursor(cursor: str) -> int:
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
         prefix, _, value = raw.partition(":")
-        if prefix != "seq":
+        # Only what _encode_cursor writes: int() alone also takes " 1", "+1" or "1_0", and seqs past
+        # MAX_SEQ, which overflow the query parameter on Postgres (and past 64 bits on SQLite too).
+        if prefix != "seq" or not (value.isascii() and value.isdigit()) or int(value) > MAX_SEQ:
             raise ValueError(raw)
         return int(value)
     except (ValueError, binascii.Error, UnicodeDecodeError):
@@ -244,6 +248,8 @@ def list_edits(session: Session, *, status: str | None = None, subject: str | No
     if status is not None:
         query = query.where(Edit.status == status)
     if subject is not None:
+        if "\x00" in subject:  # Postgres text cannot hold it (an error there, an empty page on SQLite)
+            raise InvalidRequest("subject contains a NUL character (U+0000), which no edit's subject may contain")
         query = query.where(Edit.subject == subject)
     if cursor is not None:
         query = query.where(Edit.seq < _decode_cursor(cursor))

@@ -64,6 +64,12 @@ def auth(name: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {KEYS[name]}"}
 
 
+def local_port(reply: httpx.Response) -> int:
+    """The client-side port of the connection that carried `reply`. Replies with the same port came
+    over one kept-alive connection; an unhandled server error closes it after its 500."""
+    return int(reply.extensions["network_stream"].get_extra_info("client_addr")[1])
+
+
 @dataclass
 class Api:
     url: str

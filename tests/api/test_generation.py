@@ -16,7 +16,7 @@ import torch
 from api.backend_http import HttpBackend
 from service.engine.editor import Editor
 from service.inference import GenerateParams
-from tests.api.conftest import VERSION_WAIT_S, Api, ApiRunner
+from tests.api.conftest import VERSION_WAIT_S, Api, ApiRunner, local_port
 from workers.generation import generate_text
 from workers.inference import LocalBackend
 
@@ -135,6 +135,36 @@ def test_a_tiny_temperature_samples_the_greedy_answer(api: Api) -> None:
     assert generate(api, max_new_tokens=6, do_sample=True, temperature=1e-40, seed=3) == greedy
 
 
+@pytest.mark.parametrize("temperature", [1e-300, 5e-324])
+def test_an_underflowing_temperature_samples_the_greedy_answer(api: Api, temperature: float) -> None:
+    """Below float32's range (1e-300 rounds to 0 there) the scaled logits were 0/0 = NaN: a 500 on
+    every sampling route, which also closed the connection."""
+    greedy = generate(api, max_new_tokens=6)
+    sampling = {"max_new_tokens": 6, "do_sample": True, "temperature": temperature, "seed": 3}
+    first = api.client.post("/generate", json={"inputs": PROMPT, "parameters": sampling})
+    assert first.status_code == 200 and first.json() == greedy, first.text
+    streamed = sse_data(api.client.post("/generate_stream", json={"inputs": PROMPT, "parameters": sampling}))
+    assert streamed[-1] == greedy
+    body = completion(api, PROMPT, max_tokens=6, temperature=temperature, seed=3)
+    assert body["choices"][0]["text"] == greedy["generated_text"]
+    assert local_port(api.client.get("/v1/models")) == local_port(first)
+
+
+def test_default_max_new_tokens_is_clamped_to_a_lower_limit(module_runner: ApiRunner,
+                                                           local_backend: LocalBackend) -> None:
+    """The defaults (32 for /generate, 16 for /v1/completions) were refused when the limit is lower."""
+    api = module_runner.start(backend=local_backend, max_new_tokens_limit=4)
+    body = generate(api)
+    assert body["details"] == {"finish_reason": "length", "generated_tokens": 4}
+    assert sse_data(api.client.post("/generate_stream", json={"inputs": PROMPT}))[-1] == body
+    assert completion(api, PROMPT, temperature=0)["usage"]["completion_tokens"] == 4
+    reply = api.client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
+    assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] <= 4, reply.text
+    # An explicit value above the limit is still refused.
+    reply = api.client.post("/generate", json={"inputs": PROMPT, "parameters": {"max_new_tokens": 5}})
+    assert reply.status_code == 422 and "at most 4 (KNOWPATCH_MAX_NEW_TOKENS_LIMIT)" in reply.text
+
+
 def test_stop_sequences(api: Api) -> None:
     events = sse_data(api.client.post("/generate_stream", json={"inputs": PROMPT,
                                                                 "parameters": {"max_new_tokens": 16}}))
@@ -213,6 +243,7 @@ def test_openai_chat_uses_the_chat_template(api: Api, editor: Editor) -> None:
 @pytest.mark.parametrize(("path", "body", "message"), [
     ("/generate", {"inputs": ""}, "inputs: String should have at least 1 character"),
     ("/generate", {"inputs": "   "}, "inputs: Value error, must not be empty"),
+    ("/generate", {"inputs": "\u200b\u2060"}, "inputs: Value error, must not be empty"),
     ("/generate", {"inputs": "x" * 8001}, "inputs: String should have at most 8000 characters"),
     ("/generate", {"inputs": "x", "parameters": {"max_new_tokens": 65}}, "at most 64 (KNOWPATCH_MAX_NEW_TOKENS_LIMIT)"),
     ("/generate", {"inputs": "x", "parameters": {"max_new_tokens": 0}}, "parameters.max_new_tokens"),
@@ -244,6 +275,19 @@ def test_bad_generation_input_is_422(api: Api, path: str, body: object, message:
     assert reply.status_code == 422, reply.text
     assert reply.json()["error"]["type"] == "InvalidRequest"
     assert message in reply.json()["error"]["message"]
+
+
+@pytest.mark.parametrize(("path", "body", "message"), [
+    ("/generate", {"inputs": "x", "parameters": {"stop": ["ok", "\ud800"]}},
+     "parameters.stop[1]: Value error, contains a lone surrogate (U+D800)"),
+    ("/v1/completions", {"prompt": "x", "stop": "\udfff"}, "stop: Value error, contains a lone surrogate (U+DFFF)"),
+    ("/generate", {"inputs": "x\ud800"}, "inputs: Input should be a valid string"),
+])
+def test_text_without_utf8_encoding_is_422(api: Api, path: str, body: object, message: str) -> None:
+    """A lone surrogate (sent as a JSON escape) cannot be forwarded to the worker: it was a 500 there."""
+    reply = api.client.post(path, content=json.dumps(body), headers={"Content-Type": "application/json"})
+    assert reply.status_code == 422, reply.text
+    assert reply.json()["error"]["type"] == "InvalidRequest" and message in reply.json()["error"]["message"]
 
 
 def test_min_model_version_not_live_is_503_after_the_wait(api: Api) -> None:
