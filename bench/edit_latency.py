@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 import resource
 import statistics
 import sys
@@ -40,7 +41,8 @@ def stats_speed(editor: Editor, tokens: int) -> float:
 
 def step_seconds(editor: Editor, repeats: int = 3) -> float:
     """One target-optimisation step for one request (10 steps, no early stop, median of repeats)."""
-    hparams = editor.hparams.with_overrides(v_num_grad_steps=10, v_stop_loss=0.0, v_stop_nll=0.0)
+    hparams = replace(editor.hparams, v_num_grad_steps=10, v_stop_loss=0.0, v_stop_nll=0.0,
+                      v_stop_greedy_margin=None)
     request = cases(0, 1)
     times = []
     for _ in range(repeats):
@@ -77,6 +79,12 @@ def main() -> None:
                            Path.home() / ".cache" / "knowpatch", progress=False)
     tokens_per_s = stats_speed(editor, args.stats_tokens)
     step = step_seconds(editor)
+    # the paper profile on the same edits first (then reverted), for a ratio measured in one run
+    editor.hparams = load_hparams("smollm2", "paper").with_overrides(layers=editor.layers)
+    b1_paper, paper_timings = per_edit(editor, cases(100, args.edits), 1, "paper")
+    for edit_id in list(editor.store.edit_ids):
+        editor.revert(edit_id, editor.version + 1)
+    editor.hparams = hparams.with_overrides(layers=editor.layers)
     b1, b1_timings = per_edit(editor, cases(100, args.edits), 1, "b1")
     b16, _ = per_edit(editor, cases(200, 16 * args.batches16), 16, "b16")
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -88,6 +96,8 @@ def main() -> None:
     print(f"batch 1             {statistics.median(b1):8.2f} s/edit median over {len(b1)} "
           f"(targets {targets:.2f} s in {steps:.0f} steps, keys+solve {keys:.2f} s)")
     print(f"batch 16            {statistics.median(b16):8.2f} s/edit median over {len(b16)} batches")
+    paper_steps = statistics.median(t["steps"][0] for t in paper_timings)
+    print(f"batch 1, paper      {statistics.median(b1_paper):8.2f} s/edit median (same edits; {paper_steps:.0f} steps)")
     print(f"peak RSS            {rss_mb:8.0f} MB")
     print(json.dumps({
         "batch1_median_s": round(statistics.median(b1), 3),
@@ -96,9 +106,12 @@ def main() -> None:
         "batch1_targets_s": round(targets, 3),
         "batch1_keys_solve_s": round(keys, 3),
         "batch1_median_steps": steps,
+        "batch1_paper_median_s": round(statistics.median(b1_paper), 3),
+        "batch1_paper_median_steps": paper_steps,
         "peak_rss_mb": round(rss_mb),
         "stats_tokens_per_s": round(tokens_per_s),
-        "hparams": {k: hparams.to_dict()[k] for k in ("v_lr", "v_num_grad_steps", "v_stop_nll", "layers")},
+        "hparams": {k: hparams.to_dict()[k] for k in ("profile", "v_lr", "v_num_grad_steps", "v_stop_nll",
+                                                      "v_stop_greedy_margin", "norm_penalty", "layers")},
         "device": args.device,
     }))
 

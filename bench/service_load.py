@@ -60,7 +60,7 @@ PROMPTS = [  # fixed, unrelated to the CounterFact subjects edited here
     "The main ingredient of bread is",
     "The most spoken language in the world is",
 ]
-REPLAYED_RE = re.compile(r"replayed (\d+) active edits \((\d+) operations verified\) to version (\d+) in ([0-9.]+) s")
+REPLAYED_RE = re.compile(r"replayed (\d+) active edits \((\d+) operations verified[^)]*\) to version (\d+) in ([0-9.]+) s")
 
 
 # --------------------------------------------------------------------------- processes

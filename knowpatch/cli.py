@@ -6,12 +6,14 @@ This module is the only place that imports api/ and workers/ together: it builds
 from __future__ import annotations
 
 import argparse
+import hashlib
 import ipaddress
 import logging
 import os
 import socket
 import sys
 import threading
+from pathlib import Path
 
 from service.config import Settings
 from service.errors import KnowpatchError
@@ -41,13 +43,20 @@ def _check_exposure(host: str, settings: Settings) -> None:
     log.warning("no API keys configured: every request is allowed; listening on loopback (%s) only", host)
 
 
+def snapshot_path(settings: Settings) -> Path:
+    """Where this ledger's factor-store snapshot lives: one file per database URL."""
+    key = hashlib.sha256(settings.resolved_database_url().encode()).hexdigest()[:16]
+    return settings.cache_dir / "snapshots" / f"factor-store-{key}.pt"
+
+
 def _start_worker(settings: Settings, sessions, queue):
     from service.bootstrap import build_editor
     from workers.inference import LocalBackend
     from workers.worker import Worker
 
     editor = build_editor(settings, keep_factors=False)
-    worker = Worker(editor, sessions, queue, batch_size=settings.batch_size, fault_injection=settings.fault_injection)
+    worker = Worker(editor, sessions, queue, batch_size=settings.batch_size, fault_injection=settings.fault_injection,
+                    snapshot_path=snapshot_path(settings))
     worker.start()
     stop = threading.Event()
     thread = threading.Thread(target=worker.run, args=(stop,), name="knowpatch-worker", daemon=True)

@@ -121,7 +121,7 @@ class LocalBackend:
                 "fingerprint": self.editor.loaded.fingerprint,
                 "device": str(self.editor.adapter.head.weight.device),
                 "dtype": str(self.editor.adapter.head.weight.dtype).removeprefix("torch."),
-                "weights_digest": self.editor.weights_digest(),  # sha256 of the edited weights as served
+                "weights_digest": self.editor.served_digest(),  # sha256 of the edited weights as served
             }
         return BackendInfo(self.editor.loaded.name, version, self._ready(), details)
 

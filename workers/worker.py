@@ -14,6 +14,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -43,9 +44,13 @@ class Job:
 class Worker:
     def __init__(
         self, editor: Editor, session_factory: Callable[[], Session], queue: OperationQueue, *,
-        batch_size: int = 8, fault_injection: str | None = None,
+        batch_size: int = 8, fault_injection: str | None = None, snapshot_path: Path | None = None,
+        snapshot_every: int = 1000,
     ) -> None:
         self.editor = editor
+        self.snapshot_path = snapshot_path  # the factor store's sums, so a restart need not re-sum the ledger
+        self.snapshot_every = snapshot_every  # operations between snapshots while running
+        self._unsnapshotted = 0
         self.sessions = session_factory
         self.queue = queue
         self.batch_size = batch_size
@@ -56,22 +61,68 @@ class Worker:
     # ---- start-up ----------------------------------------------------------------------------
 
     def replay(self) -> int:
-        """Verify the ledger, load every active edit's factors, check the weights' digest."""
+        """Rebuild the editor from the ledger and check the weights' digest: from the factor-store
+        snapshot plus the operations after it when there is a valid one, else from every factor."""
         started = time.perf_counter()
         with self.sessions() as session:
-            verified, active = repo.verified_active_edits(session)
             head_seq, _ = repo.head(session)
             digest = repo.head_digest(session)
-        edits = [self._edit_factors(a.edit_id, a.batch_id, a.factors) for a in active]
-        self.editor.load(edits, version=head_seq)
+        how = self._replay_from_snapshot(head_seq, digest)
+        if how is None:
+            self.editor.clear()
+            how = self._replay_cold(head_seq, digest)
+        if head_seq > 0:
+            self._snapshot()
+        log.info("replayed %d active edits (%s) to version %d in %.2f s",
+                 len(self.editor.store), how, head_seq, time.perf_counter() - started)
+        return len(self.editor.store)
+
+    def _replay_cold(self, head_seq: int, digest: str | None) -> str:
+        """Every active edit's factors read, checked against their checksums and the chain, summed."""
+        with self.sessions() as session:
+            verified, active = repo.verified_active_edits(session)
+        self.editor.load([self._edit_factors(a.edit_id, a.batch_id, a.factors) for a in active], version=head_seq)
         if digest is not None and self.editor.weights_digest() != digest:
             raise LedgerCorrupt(
-                f"replaying {len(edits)} active edits does not reproduce the weights recorded at seq {head_seq}: "
+                f"replaying {len(active)} active edits does not reproduce the weights recorded at seq {head_seq}: "
                 "the model, dtype or edited layers differ from those the ledger was written with"
             )
-        log.info("replayed %d active edits (%d operations verified) to version %d in %.2f s",
-                 len(edits), verified, head_seq, time.perf_counter() - started)
-        return len(edits)
+        return f"{verified} operations verified, all factors read"
+
+    def _replay_from_snapshot(self, head_seq: int, digest: str | None) -> str | None:
+        """The snapshot's sums, the chain verified over the recorded checksums, the operations after
+        the snapshot applied with their (checked) factors; None if that does not reproduce the digest."""
+        if self.snapshot_path is None or head_seq == 0:
+            return None
+        with self.sessions() as session:
+            def accept(seq: int, chain_hash: str) -> bool:
+                return seq <= head_seq and repo.op_hash(session, seq) == chain_hash
+
+            seq = self.editor.restore_snapshot(self.snapshot_path, accept)
+            if seq is None:
+                return None
+            verified = repo.verify_links(session)
+            tail = [(kind, self._edit_factors(edit_id, batch_id or "", repo.verified_factors(session, edit_id)))
+                    for _, kind, edit_id, batch_id in repo.done_after(session, seq)]
+        self.editor.replay_ops(tail, head_seq)
+        if digest is not None and self.editor.weights_digest() != digest:
+            log.warning("the snapshot at seq %d and %d later operations do not reproduce the recorded weights; "
+                        "replaying every factor instead", seq, len(tail))
+            return None
+        return f"{verified} operations verified, snapshot at seq {seq} + {len(tail)} later operations"
+
+    def _snapshot(self) -> None:
+        if self.snapshot_path is None:
+            return
+        try:
+            with self.sessions() as session:
+                seq, chain_hash = repo.head(session)
+            if seq != self.editor.version:
+                return  # the ledger moved on since the weights were installed: next time
+            self.editor.save_snapshot(self.snapshot_path, seq, chain_hash)
+            self._unsnapshotted = 0
+        except (OSError, KnowpatchError) as exc:  # a missed snapshot costs the next start time, nothing else
+            log.warning("could not write the factor-store snapshot %s: %s", self.snapshot_path, exc)
 
     def _edit_factors(self, edit_id: str, batch_id: str, factors: list[StoredFactor]) -> EditFactors:
         layers = {f.layer: LayerFactor(*(torch.from_numpy(np.asarray(x)) for x in (f.r, f.a, f.k))) for f in factors}
@@ -87,7 +138,7 @@ class Worker:
             return None  # plan_revert says why
         with self.sessions() as session:
             edit = repo.get_edit(session, edit_id)
-            stored = repo.edit_factors(session, edit_id)
+            stored = repo.verified_factors(session, edit_id)
             batch_id = edit.batch_id or ""
         return self._edit_factors(edit_id, batch_id, stored)
 
@@ -122,6 +173,8 @@ class Worker:
                 log.error("%s; retrying in %.0f s", exc.message, backoff)
                 stop.wait(backoff)
                 backoff = min(backoff * 2, 30.0)
+        if self._unsnapshotted:
+            self._snapshot()
 
     def process_next(self) -> bool:
         """Take the next unit of work from the ledger; False when there is none."""
@@ -138,6 +191,9 @@ class Worker:
             self._rollback(*rollbacks[0])
         elif jobs:
             self._apply_batch(jobs, batch_id)
+        self._unsnapshotted += len(claimed)
+        if self._unsnapshotted >= self.snapshot_every:
+            self._snapshot()
         return True
 
     @staticmethod
@@ -188,7 +244,8 @@ class Worker:
             for j, job in enumerate(jobs):
                 repo.record_applied(
                     session, job.seq, factors=_stored(update, j), metrics_before=before[j].to_dict(),
-                    metrics_after=after[j].to_dict() | {"target_steps": update.steps[j], "target_nll": update.target_nll[j]},
+                    metrics_after=after[j].to_dict() | {"target_steps": update.steps[j], "target_nll": update.target_nll[j],
+                                                        "target_greedy": update.target_greedy[j]},
                     update_norms=update.update_norms[j], layers=self.editor.layers,
                     weights_digest=swap.digest, model_version=version, settings=self.editor.settings(),
                 )

@@ -28,6 +28,7 @@ class Targets:
     h0: torch.Tensor  # (n, H) float32
     steps: list[int]  # optimisation steps taken per request
     nll: list[float]  # final mean per-token NLL of target_new on the rewriting prompts
+    greedy: list[bool]  # every target token the argmax (by the margin) on every rewriting prompt at the end
 
 
 def build_rows(
@@ -120,7 +121,7 @@ def _optimise(
     max_norm = hparams.clamp_norm_factor * h0.norm(dim=1)  # (n,)
     kl_init = torch.zeros(n, adapter.head.weight.shape[0], device=h0.device)
     final = torch.zeros_like(h0)
-    steps, nll_final = [0] * n, [float("nan")] * n
+    steps, nll_final, greedy_final = [0] * n, [float("nan")] * n, [False] * n
     active, selected_for = list(range(n)), []
     for step in range(hparams.v_num_grad_steps):
         if active != selected_for:  # the batch shrinks as requests converge
@@ -133,7 +134,7 @@ def _optimise(
         loss = nll + hparams.kl_factor * kl + decay  # (n,): rows of inactive requests are 0
         done = _converged(hparams, loss, nll, greedy, active, last=step == hparams.v_num_grad_steps - 1)
         for j in active:
-            steps[j], nll_final[j] = step + 1, float(nll[j].detach())
+            steps[j], nll_final[j], greedy_final[j] = step + 1, float(nll[j].detach()), bool(greedy[j])
         for j in done:
             final[j] = delta[j].detach()
         active = [j for j in active if j not in done]
@@ -145,7 +146,7 @@ def _optimise(
         with torch.no_grad():
             _freeze_and_clamp(delta, final, active, max_norm)
     log.debug("targets: steps=%s nll=%s", steps, nll_final)
-    return Targets(z=h0 + final, h0=h0, steps=steps, nll=nll_final)
+    return Targets(z=h0 + final, h0=h0, steps=steps, nll=nll_final, greedy=greedy_final)
 
 
 def _run_suffix(tail: torch.nn.Module, batch: SuffixBatch, delta_rows: torch.Tensor) -> torch.Tensor:
@@ -162,19 +163,18 @@ def _losses(
     margin: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-request mean target NLL, KL(current ‖ initial) at the KL prompt's lookup, and whether every
-    target token is the argmax with `margin` to spare (all False when margin is None), each (n,)."""
+    target token is the argmax with `margin` (0 when None) to spare, each (n,)."""
     logp = torch.log_softmax(adapter.logits_at(out[g.tok_row, g.tok_pos]).float(), dim=-1)
     target_logp = logp.gather(1, g.tok_id[:, None])[:, 0]
     token_nll = -target_logp * g.tok_weight
     owner_of_token = g.owner[g.tok_row]
     nll = torch.zeros(n, device=out.device).index_add(0, owner_of_token, token_nll)
     greedy = torch.zeros(n, dtype=torch.bool, device=out.device)
-    if margin is not None:
-        with torch.no_grad():
-            runner_up = logp.detach().scatter(1, g.tok_id[:, None], float("-inf")).max(dim=1).values
-            misses = (target_logp.detach() - runner_up < margin).float()
-            missed = torch.zeros(n, device=out.device).index_add(0, owner_of_token, misses)
-            greedy[g.owner.unique()] = missed[g.owner.unique()] == 0
+    with torch.no_grad():  # measured without a margin too, to report it
+        runner_up = logp.detach().scatter(1, g.tok_id[:, None], float("-inf")).max(dim=1).values
+        misses = (target_logp.detach() - runner_up < (margin or 0.0)).float()
+        missed = torch.zeros(n, device=out.device).index_add(0, owner_of_token, misses)
+        greedy[g.owner.unique()] = missed[g.owner.unique()] == 0
     kl_logp = torch.log_softmax(adapter.logits_at(out[g.kl_local, 0]).float(), dim=-1)
     if first_step:
         kl_init[g.kl_owner] = kl_logp.detach()
@@ -187,7 +187,8 @@ def _converged(hparams: HyperParams, loss: torch.Tensor, nll: torch.Tensor, gree
                active: list[int], last: bool) -> set[int]:
     if last:
         return set(active)
-    done = {j for j in active if float(loss[j].detach()) < hparams.v_stop_loss or bool(greedy[j])}
+    mpes = hparams.v_stop_greedy_margin is not None
+    done = {j for j in active if float(loss[j].detach()) < hparams.v_stop_loss or (mpes and bool(greedy[j]))}
     if hparams.v_stop_nll is not None:
         done |= {j for j in active if float(nll[j].detach()) < hparams.v_stop_nll}
     return done

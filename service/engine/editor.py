@@ -6,9 +6,11 @@ them by recomposing the edited weights from W0 and swapping them in under the wr
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import os
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +47,7 @@ class BatchUpdate:
     pending: Pending  # per layer (A, R), for measuring before commit
     steps: list[int]
     target_nll: list[float]
+    target_greedy: list[bool]
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -97,6 +100,7 @@ class Editor:
         )
         self.lock = ReadWriteLock()
         self.version = 0
+        self._served_digest: str | None = None  # of the installed weights; None until first asked
 
     @classmethod
     def create(
@@ -151,7 +155,7 @@ class Editor:
             for j, edit_id in enumerate(edit_ids)
         ]
         norms = [{layer: float(f.r.norm() * f.a.norm()) for layer, f in e.layers.items()} for e in edits]
-        return BatchUpdate(edits, norms, pending, targets.steps, targets.nll, timings)
+        return BatchUpdate(edits, norms, pending, targets.steps, targets.nll, targets.greedy, timings)
 
     def _layer_updates(self, requests: Sequence[EditRequest], z: torch.Tensor) -> tuple[Pending, dict[int, torch.Tensor]]:
         rows = key_rows(self.tokenizer, requests, self.templates)
@@ -212,6 +216,7 @@ class Editor:
             for layer, weight in swap.weights.items():
                 self.adapter.assign(layer, weight)
             self.version = version
+            self._served_digest = swap.digest
         self.store.apply(swap.change)
 
     def commit(self, update: BatchUpdate, version: int) -> None:
@@ -238,6 +243,60 @@ class Editor:
             weights[layer] = self.adapter.stored_layout(layer, composed)
         return WeightSwap(weights, _digest(weights[layer] for layer in self.layers), change)
 
+    def replay_ops(self, ops: Sequence[tuple[str, EditFactors]], version: int) -> None:
+        """Operations after a snapshot, in ledger order ("apply" or "rollback", the edit's factors),
+        then the weights installed at `version`."""
+        for kind, edit in ops:
+            if kind == "apply":
+                self.store.add([edit])
+            else:
+                self.store.remove(edit.edit_id, edit)
+        self.install(self._plan(), version)
+
+    # ---- snapshots of the factor store ---------------------------------------------------------
+
+    def identity(self) -> str:
+        """What a snapshot of the store is only valid for: model, method, layers, statistics."""
+        h = hashlib.sha256(json.dumps([self.loaded.fingerprint, self.method, self.layers]).encode())
+        for layer in self.layers:
+            h.update(self.second_moments[layer].contiguous().cpu().numpy().tobytes())
+        return h.hexdigest()
+
+    def save_snapshot(self, path: Path, seq: int, chain_hash: str) -> None:
+        """The store's sums at ledger `seq` (whose chain hash is `chain_hash`), written atomically."""
+        state = {"identity": self.identity(), "seq": seq, "hash": chain_hash, **self.store.state()}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+        torch.save(state, tmp)
+        tmp.replace(path)
+
+    def restore_snapshot(self, path: Path, accept: Callable[[int, str], bool]) -> int | None:
+        """Load a snapshot into this (empty) editor's store and return the seq it was taken at; None
+        when there is none, it belongs to another model, method, layer set or statistics, or
+        `accept(seq, chain_hash)` (the ledger's say) refuses it."""
+        if not path.is_file():
+            return None
+        try:
+            state = torch.load(path, weights_only=True)
+        except Exception as exc:  # a torn or foreign file is only a missed shortcut
+            log.warning("ignoring the factor-store snapshot %s: %s", path, exc)
+            return None
+        if state.get("identity") != self.identity():
+            log.info("the factor-store snapshot %s was taken for other settings; replaying from the ledger", path)
+            return None
+        if not accept(int(state["seq"]), str(state["hash"])):
+            log.warning("the factor-store snapshot %s is not a state of this ledger; replaying from the ledger", path)
+            return None
+        self.store.restore(state)
+        return int(state["seq"])
+
+    def clear(self) -> None:
+        """Back to the unedited weights with an empty store (a replay that must start over)."""
+        self.store = FactorStore({layer: self.store.base_weight(layer) for layer in self.layers},
+                                 {layer: ns.basis if self.method == "alphaedit" else None
+                                  for layer, ns in self.null_spaces.items()}, self.store.keep_factors)
+        self.install(self._plan(), 0)
+
     # ---- reading -----------------------------------------------------------------------------
 
     @contextmanager
@@ -247,8 +306,14 @@ class Editor:
             yield self.version
 
     def weights_digest(self) -> str:
-        """sha256 over the edited weights as served (layout, dtype), in layer order."""
+        """sha256 over the edited weights as served (layout, dtype), in layer order, computed afresh."""
         return _digest(self.adapter.edited_module(layer).weight.detach() for layer in self.layers)
+
+    def served_digest(self) -> str:
+        """weights_digest of the installed weights, remembered from the swap (cheap: /info asks it)."""
+        if self._served_digest is None:
+            self._served_digest = self.weights_digest()
+        return self._served_digest
 
     def measure(self, requests: Sequence[EditRequest], pending: Pending | None = None) -> list[RequestMetrics]:
         """Probabilities of target_new / target_true on each request's prompts."""

@@ -165,6 +165,24 @@ class FactorStore:
     def composed(self, layer: int) -> torch.Tensor:
         return self.weight_after(layer)
 
+    def state(self) -> dict:
+        """The sums and the index, for a snapshot (plain tensors, strings and lists)."""
+        return {"sums": {int(k): v.cpu() for k, v in self._sum.items()},
+                "priors": {int(k): v.cpu() for k, v in self._prior.items()},
+                "index": [[e, b] for e, b in self._batch_of.items()]}
+
+    def restore(self, state: dict) -> None:
+        """Take a snapshot's sums and index (the store must hold no edits yet)."""
+        if self._batch_of:
+            raise ValueError("restore needs an empty store")
+        if set(state["sums"]) != set(self.layers):
+            raise ValueError(f"the snapshot holds layers {sorted(state['sums'])}, this store {self.layers}")
+        for layer in self.layers:
+            device = self._base[layer].device
+            self._sum[layer] = state["sums"][layer].to(device, torch.int64)
+            self._prior[layer] = state["priors"][layer].to(device, torch.float64)
+        self._batch_of = {edit_id: batch_id for edit_id, batch_id in state["index"]}
+
     # ---- the sums -----------------------------------------------------------------------------
 
     def _weight_sum(self, layer: int, edits: Sequence[EditFactors]) -> torch.Tensor:

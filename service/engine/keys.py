@@ -13,12 +13,13 @@ from service.model.adapters import ModelAdapter
 
 
 def key_rows(tokenizer: PreTrainedTokenizerBase, requests: Sequence[EditRequest], templates: Sequence[str]) -> list[Row]:
-    """One row per (request, context template); template 0 is "{}", the plain prompt."""
+    """One row per (request, context template); template 0 is "{}", the plain prompt. Each row ends at
+    the subject's last token: under the causal mask nothing after it changes the key or the output there."""
     rows = []
     for j, req in enumerate(requests):
         for ctx in templates:
             ids, lookup = encode_with_subject(tokenizer, contextual(req.template, ctx), req.subject)
-            rows.append(Row(j, tuple(ids), lookup))
+            rows.append(Row(j, tuple(ids[: lookup + 1]), lookup))
     return rows
 
 

@@ -101,7 +101,9 @@ class LocalBackend:
 
     kind = "local"
 
-    def __init__(self, editor: Editor, max_batch_tokens: int = 8192, max_target_tokens: int = 1024,
+    # Bounds keep every activation and logit buffer under glibc's 32 MB mmap threshold: larger ones are
+    # mapped and zeroed afresh at every call (measured: 60 CounterFact cases 33 s -> 24 s on one core).
+    def __init__(self, editor: Editor, max_batch_tokens: int = 2048, max_target_tokens: int = 128,
                  generate_batch_size: int = 64) -> None:
         self.editor = editor
         self.tokenizer = editor.tokenizer

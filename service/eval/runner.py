@@ -168,6 +168,10 @@ class _Protocol:
         outcome = self.backend.apply([c.request() for c in batch], batch_id=f"eval-{index:05d}")
         self.batches.append(_batch_record(index, first, outcome, time.perf_counter() - start))
         self.applied += len(batch) if outcome.applied else 0
+        record = self.batches[-1]
+        log.info("batch %d: %d edits %s in %.1f s (mean target steps %s, NLL %s)", index, len(batch),
+                 "applied" if outcome.applied else f"FAILED ({outcome.error})", record["seconds"],
+                 _fmt(record["steps_mean"]), _fmt(record["target_nll_mean"]))
         return first + len(batch)
 
     def _checkpoint(self, edited: int) -> None:
@@ -202,6 +206,10 @@ def run_protocol(backend: Backend, inputs: EvalInputs, settings: ProtocolSetting
         "timings": run.timings,
         "case_results": {"baseline": baseline_details, "final": final_details},
     }
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
 
 
 def _headline(summary: dict[str, Any]) -> str:

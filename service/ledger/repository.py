@@ -508,6 +508,47 @@ def head_digest(session: Session) -> str | None:
     return None if last is None else last.weights_digest
 
 
+def verify_links(session: Session) -> int:
+    """Every link of the chain over the recorded factor checksums, without reading the factor bytes
+    (a restart from a snapshot; the bytes are checked against their checksums when they are read)."""
+    session.flush()
+    ops = list(session.scalars(select(Operation).where(Operation.status == "done").order_by(Operation.seq)))
+    checksums: dict[str, list[tuple[int, str]]] = defaultdict(list)
+    for edit_id, layer, checksum in session.execute(select(EditFactor.edit_id, EditFactor.layer, EditFactor.checksum)):
+        checksums[edit_id].append((layer, checksum))
+    prev = ZERO_HASH
+    for op in ops:
+        if op.prev_hash != prev:
+            raise LedgerCorrupt(f"ledger corrupt at seq {op.seq}: its prev_hash does not match the previous link")
+        if op.hash != _link_hash(prev, op, checksums.get(op.edit_id, []) if op.kind == "apply" else []):
+            raise LedgerCorrupt(f"ledger corrupt at seq {op.seq}: its hash does not match its content")
+        prev = op.hash
+    return len(ops)
+
+
+def done_after(session: Session, seq: int) -> list[tuple[int, str, str, str | None]]:
+    """(seq, kind, edit id, batch id) of the done operations after `seq`, in order."""
+    rows = session.execute(
+        select(Operation.seq, Operation.kind, Operation.edit_id, Operation.batch_id)
+        .where(Operation.status == "done", Operation.seq > seq).order_by(Operation.seq))
+    return [(int(r.seq), r.kind, r.edit_id, r.batch_id) for r in rows]
+
+
+def op_hash(session: Session, seq: int) -> str | None:
+    """The chain hash of the done operation at `seq` (None if there is none)."""
+    return session.scalar(select(Operation.hash).where(Operation.seq == seq, Operation.status == "done"))
+
+
+def verified_factors(session: Session, edit_id: str) -> list[StoredFactor]:
+    """An edit's factors, each checked against its recorded checksum."""
+    rows = list(session.scalars(select(EditFactor).where(EditFactor.edit_id == edit_id).order_by(EditFactor.layer)))
+    for row in rows:
+        if factor_checksum(row.dtype, row.r_shape, row.a_shape, row.k_shape, row.r, row.a, row.k) != row.checksum:
+            raise LedgerCorrupt(f"ledger corrupt: the stored factors of edit {edit_id} at layer {row.layer} "
+                                "do not match their checksum")
+    return [_stored(r) for r in rows]
+
+
 def verify_chain(session: Session) -> int:
     """Recompute every factor checksum and every link; raise LedgerCorrupt at the first bad seq."""
     session.flush()
