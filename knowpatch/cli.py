@@ -162,15 +162,15 @@ def cmd_prepare(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="knowpatch", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="knowpatch", description=(__doc__ or "knowpatch").splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for name, func, port in (("serve", cmd_serve, 8000), ("api", cmd_api, 8000)):
-        p = sub.add_parser(name, help=func.__doc__.splitlines()[0])
+        p = sub.add_parser(name, help=(func.__doc__ or name).splitlines()[0])
         p.add_argument("--host", default="127.0.0.1")
         p.add_argument("--port", type=int, default=port)
         p.set_defaults(func=func)
     for name, func in (("worker", cmd_worker), ("migrate", cmd_migrate), ("prepare", cmd_prepare)):
-        sub.add_parser(name, help=func.__doc__.splitlines()[0]).set_defaults(func=func)
+        sub.add_parser(name, help=(func.__doc__ or name).splitlines()[0]).set_defaults(func=func)
     try:
         from service.eval.cli import add_eval_parser
     except ImportError:  # the evaluation is optional at run time

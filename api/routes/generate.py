@@ -1,6 +1,8 @@
 """/generate, /generate_stream and /score: inference on the patched model (scope `generate`)."""
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter, Response
 from fastapi.responses import StreamingResponse
 
@@ -10,7 +12,7 @@ from api.errors import error_responses
 from api.schemas.generation import GenerateIn, GenerateOut, ScoreIn, ScoreOut
 
 router = APIRouter(tags=["generation"])
-STREAM_DOC = {200: {"content": {"text/event-stream": {"example": (
+STREAM_DOC: dict[int | str, dict[str, Any]] = {200: {"content": {"text/event-stream": {"example": (
     'data: {"token": {"text": " Rome"}}\n\n'
     'data: {"generated_text": " Rome", "details": {"finish_reason": "eos", "generated_tokens": 1}, '
     '"model_version": 41}\n\n')}}}}

@@ -1,6 +1,8 @@
 """/health, /ready, /info and /metrics: no authentication, for probes and scrapers."""
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -10,7 +12,7 @@ from api.deps import LedgerDep, MetricsDep, QueueDep, SettingsDep
 from api.schemas.health import Health, Info, Readiness
 
 router = APIRouter(tags=["operations"])
-METRICS_DOC = {200: {"content": {"text/plain": {"example": 'knowpatch_edits{status="applied"} 12.0\n'}}}}
+METRICS_DOC: dict[int | str, dict[str, Any]] = {200: {"content": {"text/plain": {"example": 'knowpatch_edits{status="applied"} 12.0\n'}}}}
 
 
 @router.get("/health", response_model=Health)

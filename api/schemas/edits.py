@@ -19,7 +19,7 @@ MAX_REASON_CHARS = 1000
 CURSOR_PATTERN = r"^[A-Za-z0-9_-]+={0,2}$"
 MAX_CURSOR_CHARS = 64
 
-EDIT_EXAMPLE = {
+EDIT_EXAMPLE: dict[str, Any] = {
     "subject": "Eiffel Tower",
     "prompt": "The Eiffel Tower is located in the city of",
     "target_new": "Rome",
@@ -169,7 +169,7 @@ class EditRecord(BaseModel):
     rollback_reason: str | None
 
 
-RECORD_EXAMPLE = {
+RECORD_EXAMPLE: dict[str, Any] = {
     "id": EDIT_ID, "status": "applied", "subject": "Eiffel Tower",
     "request": dict(EDIT_EXAMPLE), "requested_by": "alice", "method": "alphaedit",
     "created_at": TIME, "updated_at": TIME, "applied_at": TIME, "rolled_back_at": None, "seq": 41,

@@ -105,7 +105,7 @@ class OpenAIResponse(BaseModel):
     model_version: int = Field(description="knowpatch: ledger seq of the model state that answered")
 
 
-COMPLETION_EXAMPLE = {
+COMPLETION_EXAMPLE: dict[str, Any] = {
     "id": "cmpl-5f2a", "object": "text_completion", "created": 1767607200, "model": "smollm2",
     "choices": [{"index": 0, "text": " Rome.", "logprobs": None, "finish_reason": "stop"}],
     "usage": {"prompt_tokens": 10, "completion_tokens": 2, "total_tokens": 12}, "model_version": 41}

@@ -367,7 +367,7 @@ def mark_applying(session: Session, ops: Iterable[Operation], batch_id: str) -> 
     return claimed
 
 
-def record_applied(session: Session, op: Operation, *, factors: list[StoredFactor],
+def record_applied(session: Session, op: Operation | int, *, factors: list[StoredFactor],
                    metrics_before: dict[str, Any] | None, metrics_after: dict[str, Any] | None,
                    update_norms: dict[Any, float], layers: list[int], weights_digest: str,
                    model_version: int, settings: dict[str, Any] | None = None) -> None:
@@ -403,7 +403,7 @@ def record_applied(session: Session, op: Operation, *, factors: list[StoredFacto
     session.flush()
 
 
-def record_failed(session: Session, op: Operation, *, error: str) -> None:
+def record_failed(session: Session, op: Operation | int, *, error: str) -> None:
     """The op failed and the model is unchanged. A failed rollback leaves its edit applied."""
     op = _locked_op(session, op)
     _require_pending(op, "record as failed")
@@ -421,7 +421,8 @@ def record_failed(session: Session, op: Operation, *, error: str) -> None:
     session.flush()
 
 
-def record_rolled_back(session: Session, op: Operation, *, weights_digest: str, model_version: int) -> None:
+def record_rolled_back(session: Session, op: Operation | int, *, weights_digest: str,
+                       model_version: int) -> None:
     """The edit's factors are out of the model: chain the op, mark the edit rolled back."""
     _lock_ledger(session)
     op = _locked_op(session, op)

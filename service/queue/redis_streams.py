@@ -155,7 +155,7 @@ class RedisStreamQueue:
         start = "-"
         with self._errors():
             while True:
-                page = self._redis.xrange(self.stream, min=start, max="+", count=1000)
+                page = self._redis.xrange(self.stream, min=start, max="+", count=1000) or []
                 for _, fields in page:
                     try:
                         seqs.add(int((fields or {})[FIELD]))
@@ -163,7 +163,7 @@ class RedisStreamQueue:
                         pass
                 if len(page) < 1000:
                     return seqs
-                start = "(" + page[-1][0]  # exclusive range: after the last id seen
+                start = "(" + str(page[-1][0])  # exclusive range: after the last id seen (ids are str here)
 
     def depth(self) -> int:
         with self._errors():

@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.engine.conftest import WIKITEXT
+from tests.conftest import TEST_CACHE, shared_data
 
 STARTUP_S = 600  # first start converts the model and computes statistics; later starts take seconds
 
@@ -66,12 +66,14 @@ class Process:
 
 
 def service_env(data_dir: Path) -> dict[str, str]:
-    """The environment of a knowpatch process under test: no inherited KNOWPATCH_ settings."""
+    """The environment of a knowpatch process under test: no inherited KNOWPATCH_ settings, the tests'
+    cache. Skips the test where the shared WikiText-2 file is missing."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("KNOWPATCH_")}
     env.update({
         "KNOWPATCH_DATA_DIR": str(data_dir),
+        "KNOWPATCH_CACHE_DIR": str(TEST_CACHE),
         # the WikiText-2 file of ../shared/data keeps the statistics pass short in tests
-        "KNOWPATCH_CORPUS": str(WIKITEXT),
+        "KNOWPATCH_CORPUS": str(shared_data("wikitext")),
         "KNOWPATCH_STATS_TOKENS": "20000",
         "KNOWPATCH_VERSION_WAIT_S": "120",
         "PYTHONUNBUFFERED": "1",

@@ -1,8 +1,6 @@
 """Fixtures of the engine tests: the real SmolLM2 (loaded once) and tiny random models."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 from transformers import (
@@ -15,10 +13,12 @@ from service.engine.stats import collect_second_moments
 from service.engine.trace import LayerTrace
 from service.model.adapters import ModelAdapter
 from service.model.loading import LoadedModel, load_model, weights_fingerprint
+from tests.conftest import SHARED_DATA, SHARED_FILES, TEST_CACHE, small_text
 
-DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
-WIKITEXT = DATA / "corpus" / "wikitext2_raw_test.txt"
-CACHE_DIR = Path.home() / ".cache" / "knowpatch"
+# Read through tests.conftest.shared_data where a missing file should skip the test.
+DATA = SHARED_DATA
+WIKITEXT = SHARED_DATA / SHARED_FILES["wikitext"]
+CACHE_DIR = TEST_CACHE
 
 _DECODER = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4)
 TINY_CONFIGS = {
@@ -51,11 +51,12 @@ def tiny_model(model_type: str, tokenizer) -> LoadedModel:
 
 
 def wikitext_moments(loaded: LoadedModel, hparams) -> dict:
-    """Key statistics over the start of the WikiText-2 file, as the small-model tests use them."""
+    """Key statistics of a tiny model over the tests' own small text (tests.conftest.small_text; it was
+    WikiText-2 once, hence the name), as the small-model tests use them."""
     adapter = ModelAdapter(loaded.model)
     trace = LayerTrace(adapter, hparams.layers)
     try:
-        return collect_second_moments(adapter, trace, loaded.tokenizer, TextCorpus(WIKITEXT), hparams.layers,
+        return collect_second_moments(adapter, trace, loaded.tokenizer, TextCorpus(small_text()), hparams.layers,
                                       hparams.stats_tokens, hparams.stats_seq_len, progress=False)
     finally:
         trace.close()

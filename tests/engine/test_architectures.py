@@ -12,8 +12,9 @@ from service.engine.prompts import pad_rows
 from service.engine.types import EditRequest, HyperParams
 from service.errors import UnsupportedArchitecture
 from service.model.adapters import ModelAdapter, architecture_for
+from tests.conftest import small_text
 
-from .conftest import TINY_CONFIGS, WIKITEXT, tiny_model, wikitext_moments
+from .conftest import TINY_CONFIGS, tiny_model, wikitext_moments
 
 REQUESTS = [
     EditRequest("Danielle Darrieux", "The mother tongue of {} is", "English", "French"),
@@ -43,7 +44,7 @@ def editors(tiny):
 
 def _corpus_keys(editor: Editor, layer: int) -> torch.Tensor:
     """Keys (d_in, N) of corpus tokens: the knowledge the projector was built to preserve."""
-    documents = TextCorpus(WIKITEXT).documents(editor.tokenizer)
+    documents = TextCorpus(small_text()).documents(editor.tokenizer)
     ids = next(packed_batches(documents, HP.stats_seq_len, 1, HP.stats_tokens, editor.tokenizer.eos_token_id))
     with editor.trace.tracing(capture=[layer]) as captured:
         editor.adapter.slice(0, layer + 1)(input_ids=ids)

@@ -6,8 +6,9 @@ import itertools
 import torch
 
 from service.engine.corpus import SelfGeneratedCorpus, TextCorpus, packed_batches
+from tests.conftest import small_text
 
-from .conftest import WIKITEXT, tiny_model
+from .conftest import tiny_model
 
 
 def test_self_generated_corpus_is_reproducible(smollm2):
@@ -25,7 +26,7 @@ def test_self_generated_corpus_is_reproducible(smollm2):
 
 
 def test_packing_spends_exactly_the_budget_without_padding(smollm2):
-    documents = TextCorpus(WIKITEXT).documents(smollm2.tokenizer)
+    documents = TextCorpus(small_text()).documents(smollm2.tokenizer)
     batches = list(packed_batches(documents, seq_len=64, batch_size=3, budget=1000, separator=0))
     assert sum(b.numel() for b in batches) == 1000
     assert [tuple(b.shape) for b in batches] == [(3, 64)] * 5 + [(1, 40)]

@@ -12,7 +12,9 @@ from service.engine.types import EditRequest, load_hparams
 from workers.generation import generate_text
 from service.inference import GenerateParams
 
-from .conftest import CACHE_DIR, DATA, WIKITEXT
+from tests.conftest import shared_data
+
+from .conftest import CACHE_DIR
 
 pytestmark = pytest.mark.slow
 
@@ -24,7 +26,8 @@ EIFFEL = EditRequest(
 
 def _editor(smollm2, method: str = "alphaedit") -> Editor:
     hparams = load_hparams("smollm2").with_overrides(stats_tokens=20_000)
-    return Editor.create(smollm2, hparams, TextCorpus(WIKITEXT), CACHE_DIR, method=method, progress=False)
+    return Editor.create(smollm2, hparams, TextCorpus(shared_data("wikitext")), CACHE_DIR, method=method,
+                         progress=False)
 
 
 def _prefers(editor: Editor, prompt: str, good: str, bad: str) -> bool:
@@ -57,7 +60,7 @@ def test_eiffel_tower_to_rome_and_back(smollm2):
 
 
 def _counterfact(n: int) -> list[dict]:
-    return json.loads((DATA / "counterfact" / "counterfact-train.json").read_text())[:n]
+    return json.loads(shared_data("counterfact").read_text())[:n]
 
 
 def _sequential_scores(smollm2, method: str, cases: list[dict]) -> tuple[float, float]:

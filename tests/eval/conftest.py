@@ -1,8 +1,8 @@
 """Fixtures of the evaluation tests: the evaluation's real in-process backend (service.eval.local.
 LocalBackend) over a real Editor on a tiny random Llama with the SmolLM2 tokenizer.
 
-`editor` is the API tests' fixture (AlphaEdit, layers 1-3, statistics over 64 WikiText tokens, one
-context template, torch on one thread while the package runs), built once for this package.
+`editor` is the API tests' fixture (AlphaEdit, layers 1-3, statistics over 64 tokens of the tests' small
+text, one context template, torch on one thread while the package runs), built once for this package.
 `backend` wraps it for one test and reverts that test's edits afterwards through the editor's own
 revert path, so every test starts from the unedited model at version 0. `make_backend` builds
 further real editors (another method, other hyper-parameters) on fresh copies of the same model.

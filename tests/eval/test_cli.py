@@ -8,9 +8,7 @@ from pathlib import Path
 import pytest
 
 from service.eval.cli import add_eval_parser, main, parse_layers
-from service.eval.data import DEFAULT_PATHS
-
-CACHE_DIR = Path.home() / ".cache" / "knowpatch"
+from tests.conftest import TEST_CACHE, shared_data
 
 
 def test_layers_accept_lists_and_ranges():
@@ -33,10 +31,12 @@ def test_parser_registers_both_commands_for_the_knowpatch_cli():
 @pytest.mark.slow
 def test_eval_counterfact_end_to_end(tmp_path, capsys):
     out = tmp_path / "run"
+    wikitext = shared_data("wikitext")
     code = main([
         "eval", "counterfact", "--n", "4", "--batch-size", "2", "--checkpoint-every", "2",
-        "--stats-tokens", "20000", "--corpus", str(DEFAULT_PATHS["heldout"]), "--device", "cpu",
-        "--cache-dir", str(CACHE_DIR), "--control-n", "10", "--ppl-chunks", "2", "--fluency-tokens", "20",
+        "--data", str(shared_data("counterfact")), "--knowns", str(shared_data("knowns")), "--ppl-text", str(wikitext),
+        "--stats-tokens", "20000", "--corpus", str(wikitext), "--device", "cpu",
+        "--cache-dir", str(TEST_CACHE), "--control-n", "10", "--ppl-chunks", "2", "--fluency-tokens", "20",
         "--out", str(out), "--quiet",
     ])
     assert code == 0

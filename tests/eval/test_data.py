@@ -6,12 +6,14 @@ import json
 import pytest
 
 from service.errors import InvalidRequest
-from service.eval.data import DEFAULT_PATHS, load_cases, load_heldout, load_knowns
+from service.eval.data import load_cases, load_heldout, load_knowns
+from tests.conftest import shared_data
 
 
 def test_counterfact_cases_keep_file_order_and_fields():
-    records = json.loads(DEFAULT_PATHS["counterfact"].read_text())[:3]
-    loaded = load_cases("counterfact", n=3)
+    path = shared_data("counterfact")
+    records = json.loads(path.read_text())[:3]
+    loaded = load_cases("counterfact", path, n=3)
     first = loaded.cases[0]
     assert [c.case_id for c in loaded.cases] == [str(r["case_id"]) for r in records]
     assert first.subject in first.prompt and first.target_new != first.target_true
@@ -20,8 +22,9 @@ def test_counterfact_cases_keep_file_order_and_fields():
 
 
 def test_zsre_maps_alt_to_the_new_target_and_scores_the_loc_question_as_the_reference_does():
-    record = json.loads(DEFAULT_PATHS["zsre"].read_text())[0]
-    case = load_cases("zsre", n=1).cases[0]
+    path = shared_data("zsre")
+    record = json.loads(path.read_text())[0]
+    case = load_cases("zsre", path, n=1).cases[0]
     assert (case.prompt, case.target_new, case.target_true) == (record["src"], record["alt"], record["answers"][0])
     assert case.rephrase_prompts == (record["rephrase"],)
     assert case.locality_prompt == record["loc"] + "?" and case.locality_prompt.startswith("nq question: ")
@@ -50,13 +53,14 @@ def test_missing_file_names_the_option(tmp_path):
 
 
 def test_knowns_subset_is_fixed_and_spread():
-    first, again = load_knowns(count=50), load_knowns(count=50)
+    path = shared_data("knowns")
+    first, again = load_knowns(path, count=50), load_knowns(path, count=50)
     assert first == again and len(first) == 50
     assert first[-1].known_id > 1000  # reaches the end of the file, not the first 50 facts
 
 
 def test_heldout_is_the_end_of_the_file():
-    heldout = load_heldout(chunks=4, words_per_chunk=50)
+    heldout = load_heldout(shared_data("wikitext"), chunks=4, words_per_chunk=50)
     text = heldout.path.read_text()
     assert len(heldout.chunks) == 4 and all(len(c.split()) == 50 for c in heldout.chunks)
     assert text[heldout.start_char :].split() == " ".join(heldout.chunks).split()

@@ -1,17 +1,15 @@
 """The in-process backend on the real SmolLM2: its scores agree with each other and with generation."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from service.engine.prompts import Row
 from service.errors import InvalidRequest
 from service.eval.backend import Query
-from service.eval.data import DEFAULT_PATHS, load_heldout
+from service.eval.data import load_heldout
 from service.eval.local import LocalBackend, LocalSetup, _chunks, check_heldout_disjoint, open_editor
+from tests.conftest import TEST_CACHE, shared_data
 
-CACHE_DIR = Path.home() / ".cache" / "knowpatch"
 QUERIES = [
     Query("The capital of France is", "Paris"), Query("The Eiffel Tower is located in", "Rome"),
     Query("Danielle Darrieux's mother tongue is", "French"), Query("Lionel Messi plays", "football for Barcelona"),
@@ -28,9 +26,9 @@ def test_chunks_bound_padded_and_target_tokens():
 
 @pytest.fixture(scope="module")
 def backend():
-    setup = LocalSetup(device="cpu", cache_dir=CACHE_DIR, corpus=str(DEFAULT_PATHS["heldout"]),
-                       overrides={"stats_tokens": 20_000})
-    editor, _ = open_editor(setup, load_heldout(chunks=2), progress=False)
+    wikitext = shared_data("wikitext")
+    setup = LocalSetup(device="cpu", cache_dir=TEST_CACHE, corpus=str(wikitext), overrides={"stats_tokens": 20_000})
+    editor, _ = open_editor(setup, load_heldout(wikitext, chunks=2), progress=False)
     yield LocalBackend(editor)
     editor.close()
 
@@ -65,7 +63,7 @@ def test_greedy_generation_returns_the_continuation_and_agrees_with_top1(backend
 def test_statistics_budget_reaching_the_perplexity_slice_is_refused(backend):
     from service.engine.corpus import TextCorpus
 
-    heldout = load_heldout(chunks=2)
+    heldout = load_heldout(shared_data("wikitext"), chunks=2)
     check_heldout_disjoint(backend.editor.loaded, TextCorpus(heldout.path), heldout, 20_000)
     with pytest.raises(InvalidRequest, match="lower --stats-tokens"):
         check_heldout_disjoint(backend.editor.loaded, TextCorpus(heldout.path), heldout, 10_000_000)

@@ -16,11 +16,22 @@ from service.eval import metrics
 from service.eval.backend import Query, QueryScore
 from service.eval.data import EditCase, HeldOutText, load_cases, load_heldout, load_knowns
 from service.eval.local import LocalBackend
+from tests.conftest import shared_data, small_text
 
-CASE = load_cases("counterfact", n=1).cases[0]  # both read from ../shared/data, never copied
-ZSRE = load_cases("zsre", n=1).cases[0]
 COUNTERFACT_KEYS = ["efficacy", "generalisation", "specificity", "efficacy_top1", "generalisation_top1",
                     "specificity_top1"]
+
+
+@pytest.fixture(scope="module")
+def cf() -> EditCase:
+    """The first CounterFact case; both cases are read from the shared data, never copied."""
+    return load_cases("counterfact", shared_data("counterfact"), n=1).cases[0]
+
+
+@pytest.fixture(scope="module")
+def zsre() -> EditCase:
+    """The first zsRE case."""
+    return load_cases("zsre", shared_data("zsre"), n=1).cases[0]
 
 
 # ---- pure functions -------------------------------------------------------------------------------
@@ -84,37 +95,37 @@ def _scores(queries: list[Query], means: dict[Query, float], top1: bool | None =
     return [QueryScore(2 * means[q], 2, top1) for q in queries]
 
 
-def test_counterfact_case_compares_new_and_true_targets_and_the_neighbour_the_other_way():
-    queries = metrics._counterfact_queries(CASE)
+def test_counterfact_case_compares_new_and_true_targets_and_the_neighbour_the_other_way(cf: EditCase):
+    queries = metrics._counterfact_queries(cf)
     prompt_new, prompt_true, rephrase_new, rephrase_true, loc_true, loc_new = queries
-    (rephrase,), new, true = CASE.rephrase_prompts, CASE.target_new, CASE.target_true
-    assert queries == [Query(CASE.prompt, new), Query(CASE.prompt, true), Query(rephrase, new), Query(rephrase, true),
-                       Query(CASE.locality_prompt, CASE.locality_answer), Query(CASE.locality_prompt, new)]
+    (rephrase,), new, true = cf.rephrase_prompts, cf.target_new, cf.target_true
+    assert queries == [Query(cf.prompt, new), Query(cf.prompt, true), Query(rephrase, new), Query(rephrase, true),
+                       Query(cf.locality_prompt, cf.locality_answer), Query(cf.locality_prompt, new)]
     # the edited prompt and its paraphrase prefer the new target; the neighbour still prefers its true answer
     means = {prompt_new: -1.0, prompt_true: -2.0, rephrase_new: -0.5, rephrase_true: -3.0,
              loc_true: -0.5, loc_new: -3.0}
-    case = metrics._counterfact_case(CASE, _scores(queries, means, top1=True))
+    case = metrics._counterfact_case(cf, _scores(queries, means, top1=True))
     assert (case["efficacy"], case["generalisation"], case["specificity"]) == (True, 1.0, True)
     assert (case["efficacy_top1"], case["generalisation_top1"], case["specificity_top1"]) == (True, 1.0, True)
     assert case["logprob"] == {"prompt": [-1.0, -2.0], "rephrase": [[-0.5, -3.0]], "locality": [-0.5, -3.0]}
     # the neighbour drawn to the new target: specificity fails, efficacy does not depend on it
     means.update({loc_true: -3.0, loc_new: -0.5, rephrase_new: -4.0})
-    case = metrics._counterfact_case(CASE, _scores(queries, means))
+    case = metrics._counterfact_case(cf, _scores(queries, means))
     assert (case["efficacy"], case["generalisation"], case["specificity"]) == (True, 0.0, False)
     assert case["efficacy_top1"] is None and case["generalisation_top1"] is None  # a backend without argmax
 
 
-def test_zsre_case_uses_token_accuracy_and_is_none_where_a_backend_cannot_tell():
-    accuracy_queries, nll_queries = metrics._zsre_queries(ZSRE)
-    new, (rephrase,), loc = ZSRE.target_new, ZSRE.rephrase_prompts, Query(ZSRE.locality_prompt, ZSRE.locality_answer)
-    assert accuracy_queries == [Query(ZSRE.prompt, new), Query(rephrase, new), loc]
+def test_zsre_case_uses_token_accuracy_and_is_none_where_a_backend_cannot_tell(zsre: EditCase):
+    accuracy_queries, nll_queries = metrics._zsre_queries(zsre)
+    new, (rephrase,), loc = zsre.target_new, zsre.rephrase_prompts, Query(zsre.locality_prompt, zsre.locality_answer)
+    assert accuracy_queries == [Query(zsre.prompt, new), Query(rephrase, new), loc]
     assert nll_queries[-1] == loc and len(nll_queries) == 5
     means = {q: -1.0 if q.continuation == new else -2.0 for q in nll_queries}
-    case = metrics._zsre_case(ZSRE, [0.5, 1.0, 0.0], _scores(nll_queries, means, top1=False))
+    case = metrics._zsre_case(zsre, [0.5, 1.0, 0.0], _scores(nll_queries, means, top1=False))
     assert (case["efficacy"], case["generalisation"], case["specificity"]) == (0.5, 1.0, 0.0)
     assert (case["efficacy_nll"], case["generalisation_nll"], case["efficacy_top1"]) == (True, 1.0, False)
     # over HTTP: no token accuracy and no argmax, only the NLL comparison
-    http = metrics._zsre_case(ZSRE, [None, None, None], _scores(nll_queries, means))
+    http = metrics._zsre_case(zsre, [None, None, None], _scores(nll_queries, means))
     assert [http[k] for k in ("efficacy", "generalisation", "specificity", "efficacy_top1")] == [None] * 4
     assert http["efficacy_nll"] is True
     assert metrics.rate([http["efficacy"]]) is None and metrics.rate([http["efficacy_nll"]]) == 100.0
@@ -155,13 +166,13 @@ def _assert_editor_agrees(summary: dict, details: list[dict], cases: list[EditCa
 
 
 def test_counterfact_metrics_are_the_editors_comparisons_before_and_after_an_edit(backend: LocalBackend,
-                                                                                  editor: Editor):
-    cases = load_cases("counterfact", n=4).cases
-    assert cases[0] == CASE
+                                                                                  editor: Editor, cf: EditCase):
+    cases = load_cases("counterfact", shared_data("counterfact"), n=4).cases
+    assert cases[0] == cf
     before, before_details = metrics.counterfact_metrics(backend, cases)
     _assert_editor_agrees(before, before_details, cases, editor)
 
-    outcome = backend.apply([CASE.request()], "b0")
+    outcome = backend.apply([cf.request()], "b0")
     assert outcome.applied and outcome.error is None and outcome.model_version == editor.version == 1
     assert len(outcome.steps) == len(outcome.target_nll) == 1 and outcome.timings["targets_s"] > 0
 
@@ -171,10 +182,10 @@ def test_counterfact_metrics_are_the_editors_comparisons_before_and_after_an_edi
     assert after_details[0]["logprob"]["prompt"][0] > before_details[0]["logprob"]["prompt"][0]
 
 
-def test_zsre_metrics_on_the_in_process_backend(backend: LocalBackend, editor: Editor):
+def test_zsre_metrics_on_the_in_process_backend(backend: LocalBackend, editor: Editor, zsre: EditCase):
     # the model's own greedy answer is right token by token; one more word makes it partly right
-    greedy = backend.generate([ZSRE.prompt], 3)[0].strip()
-    cases = [ZSRE, replace(ZSRE, target_new=greedy), replace(ZSRE, target_new=greedy + " zebra")]
+    greedy = backend.generate([zsre.prompt], 3)[0].strip()
+    cases = [zsre, replace(zsre, target_new=greedy), replace(zsre, target_new=greedy + " zebra")]
     summary, details = metrics.zsre_metrics(backend, cases)
     for case, detail in zip(cases, details, strict=True):
         new, true = editor.score(case.prompt, [case.target_new, case.target_true])
@@ -194,7 +205,7 @@ def test_zsre_metrics_on_the_in_process_backend(backend: LocalBackend, editor: E
 def test_token_accuracy_equals_one_prompt_per_token(backend: LocalBackend, editor: Editor):
     """One teacher-forced row per query must judge each token as the paper's one-prompt-per-token
     loop does: the greedy answer is all right, extra words partly wrong."""
-    cases = load_cases("zsre", n=4).cases
+    cases = load_cases("zsre", shared_data("zsre"), n=4).cases
     greedy = backend.generate([c.prompt for c in cases], 4)
     queries = [Query(c.prompt, g.strip() + tail) for c, g in zip(cases, greedy) for tail in ("", " zebra crossing")]
     queries += [Query(c.locality_prompt, c.locality_answer) for c in cases]
@@ -210,7 +221,7 @@ def test_token_accuracy_equals_one_prompt_per_token(backend: LocalBackend, edito
 
 
 def test_control_is_retained_only_where_the_continuation_is_unchanged(backend: LocalBackend, editor: Editor):
-    facts = load_knowns(count=1)  # read from ../shared/data
+    facts = load_knowns(shared_data("knowns"), count=1)
     references = metrics.control_references(backend, facts, 8)
     summary, details = metrics.control_metrics(backend, facts, references, 8)
     assert summary["control_retained"] == 100.0 and details[0]["reference"] == details[0]["now"]  # greedy: stable
@@ -222,12 +233,13 @@ def test_control_is_retained_only_where_the_continuation_is_unchanged(backend: L
     assert metrics.control_metrics(backend, [], [], 8)[0] == {"control_retained": None, "control_top1": None}
 
 
-def test_fluency_and_perplexity_of_the_in_process_backend(backend: LocalBackend, editor: Editor):
-    value, texts = metrics.fluency_metric(backend, [CASE, ZSRE], 12)
-    assert [t[: len(c.prompt)] for t, c in zip(texts, [CASE, ZSRE])] == [CASE.prompt, ZSRE.prompt]
-    assert all(len(t) > len(c.prompt) for t, c in zip(texts, [CASE, ZSRE]))
+def test_fluency_and_perplexity_of_the_in_process_backend(backend: LocalBackend, editor: Editor, cf: EditCase,
+                                                          zsre: EditCase):
+    value, texts = metrics.fluency_metric(backend, [cf, zsre], 12)
+    assert [t[: len(c.prompt)] for t, c in zip(texts, [cf, zsre])] == [cf.prompt, zsre.prompt]
+    assert all(len(t) > len(c.prompt) for t, c in zip(texts, [cf, zsre]))
     assert value == pytest.approx(metrics.fluency(texts)) and value > 0
-    heldout = load_heldout(chunks=2)
+    heldout = load_heldout(small_text(), chunks=2)
     direct = [editor.score(q.prompt, [q.continuation])[0] for q in metrics.heldout_queries(heldout)]
     expected = math.exp(-sum(s.total_logprob for s in direct) / sum(s.tokens for s in direct))
     assert metrics.perplexity_metric(backend, heldout) == pytest.approx(expected, rel=1e-4) and expected > 1

@@ -13,6 +13,7 @@ from service.eval.backend import Query
 from service.eval.data import load_cases, load_heldout, load_knowns
 from service.eval.remote import HttpBackend
 from service.eval.runner import EvalInputs, ProtocolSettings, run_protocol
+from tests.conftest import shared_data
 from tests.e2e.conftest import Process, free_port, service_env
 
 pytestmark = pytest.mark.slow
@@ -38,7 +39,8 @@ def _backend(url: str, key: str = KEY, method: str = "alphaedit") -> HttpBackend
 
 def test_protocol_over_http_edits_in_batches_and_reads_its_own_writes(service_url):
     backend = _backend(service_url)
-    inputs = EvalInputs(load_cases("counterfact", n=4).cases, load_knowns(count=3), load_heldout(chunks=1))
+    inputs = EvalInputs(load_cases("counterfact", shared_data("counterfact"), n=4).cases,
+                        load_knowns(shared_data("knowns"), count=3), load_heldout(shared_data("wikitext"), chunks=1))
     settings = ProtocolSettings("counterfact", batch_size=2, fluency_tokens=8, control_tokens=4)
     results = run_protocol(backend, inputs, settings, progress=False)
     backend.close()
@@ -57,7 +59,7 @@ def test_protocol_over_http_edits_in_batches_and_reads_its_own_writes(service_ur
 
 def test_an_edit_the_service_refuses_is_reported_with_its_reason(service_url):
     backend = _backend(service_url, method="memit")  # the service applies AlphaEdit only
-    case = load_cases("counterfact", n=5).cases[4]
+    case = load_cases("counterfact", shared_data("counterfact"), n=5).cases[4]
     outcome = backend.apply([case.request()], "refused")
     backend.close()
     assert not outcome.applied and outcome.size == 1

@@ -10,6 +10,7 @@ from service.eval.data import load_cases, load_heldout, load_knowns
 from service.eval.local import LocalBackend
 from service.eval.report import load_run, metrics_table, write_comparison, write_run
 from service.eval.runner import EvalInputs, ProtocolSettings, run_protocol
+from tests.conftest import shared_data
 
 from .conftest import MakeBackend
 
@@ -18,7 +19,8 @@ RATES = ["efficacy", "generalisation", "specificity", "efficacy_top1", "generali
 
 
 def _inputs(n: int) -> EvalInputs:
-    return EvalInputs(load_cases("counterfact", n=n).cases, load_knowns(count=5), load_heldout(chunks=2))
+    return EvalInputs(load_cases("counterfact", shared_data("counterfact"), n=n).cases,
+                      load_knowns(shared_data("knowns"), count=5), load_heldout(shared_data("wikitext"), chunks=2))
 
 
 def _settings(batch_size: int, checkpoint_every: int | None = None) -> ProtocolSettings:
