@@ -51,6 +51,7 @@ class Worker:
         self.snapshot_path = snapshot_path  # the factor store's sums, so a restart need not re-sum the ledger
         self.snapshot_every = snapshot_every  # operations between snapshots while running
         self._unsnapshotted = 0
+        self._snapshot_seq: int | None = None  # the seq of the snapshot on disk, when known
         self.sessions = session_factory
         self.queue = queue
         self.batch_size = batch_size
@@ -71,7 +72,7 @@ class Worker:
         if how is None:
             self.editor.clear()
             how = self._replay_cold(head_seq, digest)
-        if head_seq > 0:
+        if head_seq > 0 and self._snapshot_seq != head_seq:
             self._snapshot()
         log.info("replayed %d active edits (%s) to version %d in %.2f s",
                  len(self.editor.store), how, head_seq, time.perf_counter() - started)
@@ -101,6 +102,7 @@ class Worker:
             seq = self.editor.restore_snapshot(self.snapshot_path, accept)
             if seq is None:
                 return None
+            self._snapshot_seq = seq
             verified = repo.verify_links(session)
             tail = [(kind, self._edit_factors(edit_id, batch_id or "", repo.verified_factors(session, edit_id)))
                     for _, kind, edit_id, batch_id in repo.done_after(session, seq)]
@@ -108,6 +110,7 @@ class Worker:
         if digest is not None and self.editor.weights_digest() != digest:
             log.warning("the snapshot at seq %d and %d later operations do not reproduce the recorded weights; "
                         "replaying every factor instead", seq, len(tail))
+            self._snapshot_seq = None  # so the replay's own snapshot replaces it
             return None
         return f"{verified} operations verified, snapshot at seq {seq} + {len(tail)} later operations"
 
@@ -120,7 +123,7 @@ class Worker:
             if seq != self.editor.version:
                 return  # the ledger moved on since the weights were installed: next time
             self.editor.save_snapshot(self.snapshot_path, seq, chain_hash)
-            self._unsnapshotted = 0
+            self._unsnapshotted, self._snapshot_seq = 0, seq
         except (OSError, KnowpatchError) as exc:  # a missed snapshot costs the next start time, nothing else
             log.warning("could not write the factor-store snapshot %s: %s", self.snapshot_path, exc)
 

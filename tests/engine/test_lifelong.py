@@ -12,7 +12,9 @@ from service.engine.editor import Editor
 from service.engine.templates import context_templates
 from service.engine.types import EditRequest, HyperParams, load_hparams
 
-from .conftest import DATA, tiny_model, wikitext_moments
+from tests.conftest import shared_data
+
+from .conftest import tiny_model, wikitext_moments
 from .test_architectures import HP, REQUESTS
 
 MORE = [
@@ -95,7 +97,7 @@ def test_norm_penalty_keeps_revert_exact_and_weights_a_function_of_the_ledger(sm
 
 @pytest.mark.slow
 def test_early_stop_ends_sooner_with_the_target_greedy_on_its_prompts(smollm2):
-    cases = json.loads((DATA / "counterfact" / "counterfact-train.json").read_text())[:8]
+    cases = json.loads(shared_data("counterfact").read_text())[:8]
     requests = [EditRequest(c["subject"], c["prompt"], c["target_new"], c["ground_truth"]) for c in cases]
     default, paper = load_hparams("smollm2"), load_hparams("smollm2", "paper")
     from service.model.adapters import ModelAdapter
@@ -121,22 +123,29 @@ def test_hyperparams_reject_unknown_profile_keys():
 def _lifelong_run(profile: str, n: int, batch: int) -> dict:
     """n sequential CounterFact edits on a fresh SmolLM2 with the profile's shipped settings (WikiText
     statistics, cached by the other SmolLM2 tests), scored by the evaluation's own protocol."""
-    from service.eval.data import load_cases, load_heldout, load_knowns
+    from service.eval.data import load_cases, load_heldout
     from service.eval.local import LocalBackend, LocalSetup, open_editor
     from service.eval.runner import EvalInputs, ProtocolSettings, run_protocol
 
-    from .conftest import CACHE_DIR, WIKITEXT
+    from .conftest import CACHE_DIR
 
-    heldout = load_heldout(None, chunks=4)
-    setup = LocalSetup("cpu", cache_dir=CACHE_DIR, corpus=str(WIKITEXT), profile=profile,
+    heldout = load_heldout(shared_data("wikitext"), chunks=8)
+    setup = LocalSetup("cpu", cache_dir=CACHE_DIR, corpus=str(shared_data("wikitext")), profile=profile,
                        overrides={"stats_tokens": 20_000})
     editor, _ = open_editor(setup, heldout, progress=False)
     try:
-        inputs = EvalInputs(load_cases("counterfact", None, n).cases, load_knowns(None, 0), heldout)
+        inputs = EvalInputs(load_cases("counterfact", shared_data("counterfact"), n).cases, [], heldout)
         settings = ProtocolSettings("counterfact", batch, fluency_tokens=0)
         return run_protocol(LocalBackend(editor), inputs, settings, progress=False)
     finally:
         editor.close()
+
+
+# From docs/evaluation.md (200 edits in batches of 100): the default profile drifts +3.8% in
+# perplexity, the paper profile +7.9%; specificity stays at the unedited level with both.
+EFFICACY_MIN = 90.0
+PPL_DRIFT_MAX = 1.045
+SPECIFICITY_DROP_MAX = 3.0
 
 
 @pytest.mark.slow
@@ -144,8 +153,8 @@ def test_150_sequential_edits_stay_in_bounds_that_the_paper_profile_breaks():
     """The scaled-down lifelong check: the shipped defaults keep efficacy, held-out perplexity and
     specificity inside bounds that the previous defaults (the paper profile: v_lr 0.5, stop at target
     NLL 0.05) break on the same 150 edits. Bounds from docs/evaluation.md's 150-edit measurements."""
-    default = _lifelong_run("default", 150, 50)
-    paper = _lifelong_run("paper", 150, 50)
+    default = _lifelong_run("default", 150, 75)
+    paper = _lifelong_run("paper", 150, 75)
     base, new, old = default["baseline"], default["final"], paper["final"]
     assert new["efficacy"] >= EFFICACY_MIN, new
     assert new["perplexity"] <= PPL_DRIFT_MAX * base["perplexity"], (new["perplexity"], base["perplexity"])

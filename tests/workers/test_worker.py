@@ -121,3 +121,19 @@ def test_a_corrupted_factor_fails_the_rollback_that_reads_it(parts, sessions, tm
         assert repo.get_edit(session, ids[0]).status == "applied"
     assert any("do not match their checksum" in reason for reason in events), events
     assert live.editor.weights_digest() == served
+
+
+def test_a_snapshot_that_does_not_reproduce_the_digest_is_replaced(parts, sessions, tmp_path, caplog):
+    snapshot = tmp_path / "snap.pt"
+    live = Worker(_editor(parts), sessions, LocalQueue(), snapshot_path=snapshot, snapshot_every=1)
+    _submit(sessions, SUBJECTS[:2])
+    _drain(live)
+    state = torch.load(snapshot, weights_only=True)
+    state["sums"][1] += 2 ** 40  # right ledger position, wrong sums (2^-12 in weight units)
+    torch.save(state, snapshot)
+    caplog.set_level(logging.INFO)
+    restarted = Worker(_editor(parts), sessions, LocalQueue(), snapshot_path=snapshot)
+    restarted.replay()
+    assert "do not reproduce the recorded weights" in caplog.text
+    assert restarted.editor.weights_digest() == live.editor.weights_digest()
+    assert torch.equal(torch.load(snapshot, weights_only=True)["sums"][1], restarted.editor.store._sum[1])
