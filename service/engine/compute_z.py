@@ -74,7 +74,10 @@ def _gather(rows: list[Row], is_kl: list[bool], active: list[int], device: torch
             continue
         weight = 1.0 / (len(row.targets) * per_request[row.request])
         for pos, tid in zip(row.target_positions, row.targets):  # suffix index = position - lookup
-            tok_row.append(local), tok_pos.append(pos - row.lookup), tok_id.append(tid), tok_w.append(weight)
+            tok_row.append(local)
+            tok_pos.append(pos - row.lookup)
+            tok_id.append(tid)
+            tok_w.append(weight)
 
     def t(values: list, dtype: torch.dtype = torch.long) -> torch.Tensor:
         return torch.tensor(values, dtype=dtype, device=device)
@@ -122,7 +125,7 @@ def _optimise(
     kl_init = torch.zeros(n, adapter.head.weight.shape[0], device=h0.device)
     final = torch.zeros_like(h0)
     steps, nll_final, greedy_final = [0] * n, [float("nan")] * n, [False] * n
-    active, selected_for = list(range(n)), []
+    active, selected_for = list(range(n)), list[int]()
     for step in range(hparams.v_num_grad_steps):
         if active != selected_for:  # the batch shrinks as requests converge
             g = _gather(rows, is_kl, active, h0.device)

@@ -116,11 +116,15 @@ def _checkpoint_every(args: argparse.Namespace) -> int:
     return args.batch_size * max(1, round(args.n / args.batch_size / 5))
 
 
-def _inputs(args: argparse.Namespace) -> tuple[EvalInputs, dict[str, str]]:
+def _inputs(args: argparse.Namespace) -> tuple[EvalInputs, dict[str, Any]]:
     loaded = load_cases(args.dataset, args.data, args.n)
     knowns = load_knowns(args.knowns, args.control_n)
     heldout = load_heldout(args.ppl_text, args.ppl_chunks) if args.ppl_chunks > 0 else None
     return EvalInputs(loaded.cases, knowns, heldout), {"data": str(loaded.path), "skipped": loaded.skipped}
+
+
+def _save_partial(partial: dict[str, Any], config: dict[str, Any], out: Path) -> None:
+    write_partial(partial, config, out)
 
 
 def _device(name: str) -> str:
@@ -191,7 +195,7 @@ def run_eval(args: argparse.Namespace) -> int:
     try:
         config = _config(args, data, backend.describe(), every)
         results = run_protocol(backend, inputs, settings, progress=not args.quiet,
-                               on_checkpoint=lambda partial: write_partial(partial, config, out))
+                               on_checkpoint=lambda partial: _save_partial(partial, config, out))
         described = backend.describe()
     finally:
         backend.close()

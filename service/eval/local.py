@@ -46,7 +46,7 @@ def make_corpus(spec: str, loaded: LoadedModel, seed: int) -> Corpus:
 
 def hyperparameters(setup: LocalSetup) -> HyperParams:
     base = load_hparams(setup.model, setup.profile).with_overrides(context_seed=setup.seed)
-    overrides = {k: tuple(v) if k == "layers" else v for k, v in setup.overrides.items()}
+    overrides: dict[str, Any] = {k: tuple(v) if k == "layers" else v for k, v in setup.overrides.items()}
     return replace(base, **overrides)
 
 

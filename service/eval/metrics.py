@@ -58,7 +58,7 @@ def rate(flags: Iterable[bool | float | None]) -> float | None:
     values = list(flags)
     if not values or any(v is None for v in values):
         return None
-    return 100 * fmean(float(v) for v in values)
+    return 100 * fmean(float(v) for v in values if v is not None)
 
 
 def beats(winner: QueryScore, loser: QueryScore) -> bool:
@@ -76,7 +76,7 @@ def _mean_flags(flags: Sequence[bool | None]) -> float | None:
     """A case's share over its prompts (several paraphrases); None if unavailable."""
     if not flags or any(f is None for f in flags):
         return None
-    return fmean(float(f) for f in flags)
+    return fmean(float(f) for f in flags if f is not None)
 
 
 # ---- CounterFact ----------------------------------------------------------------------------------
@@ -136,7 +136,7 @@ def _zsre_case(case: EditCase, accuracy: Sequence[float | None], s: Sequence[Que
     return {
         "case_id": case.case_id,
         "efficacy": accuracy[0],
-        "generalisation": None if None in accuracy[1:-1] else fmean(accuracy[1:-1]),
+        "generalisation": None if None in accuracy[1:-1] else fmean(a for a in accuracy[1:-1] if a is not None),
         "specificity": accuracy[-1],
         "efficacy_top1": pairs[0][0].top1,
         "generalisation_top1": _mean_flags([new.top1 for new, _ in pairs[1:]]),
