@@ -45,8 +45,12 @@ ERROR_DOCS = {  # status: (error type, description), for the OpenAPI document
     404: ("NotFound", "no such edit"),
     409: ("Conflict", "the edit's state (or an Idempotency-Key reuse) forbids this"),
     422: ("InvalidRequest", "invalid input; nothing was written"),
-    503: ("Unavailable", "no inference backend, the worker is unreachable, or min_model_version is not live"),
+    503: ("Unavailable", "the ledger database or the worker is unreachable, no inference backend, or "
+                         "min_model_version is not live; retry after Retry-After seconds"),
 }
+# Seconds a client should wait before retrying a 503: a ledger database restarting, a worker
+# replaying, a queued edit going live all take seconds.
+RETRY_AFTER_S = 5
 
 
 def error_body(error_type: str, message: str) -> dict[str, Any]:
@@ -120,6 +124,8 @@ def _http_error(request: Request, exc: StarletteHTTPException) -> tuple[int, str
 def _describe(request: Request, exc: Exception) -> tuple[int, str, str, dict[str, str]]:
     if isinstance(exc, KnowpatchError):
         headers = {"WWW-Authenticate": 'Bearer realm="knowpatch"'} if isinstance(exc, Unauthorized) else {}
+        if isinstance(exc, Unavailable):  # the ledger's outages arrive as Unavailable too (ledger.db)
+            headers["Retry-After"] = str(RETRY_AFTER_S)
         return status_of(exc), type(exc).__name__, exc.message, headers
     if isinstance(exc, RequestValidationError):
         status, message = describe_validation(exc.errors())

@@ -19,6 +19,7 @@ from service.queue import OperationQueue
 T = TypeVar("T")
 CHECK_TIMEOUT_S = 5.0
 NO_BACKEND = "no inference backend configured"
+NOT_READY = "the model is loading or the worker is replaying the ledger"
 OK = "ok"
 
 
@@ -63,7 +64,7 @@ async def readiness(ledger: sessionmaker[Session], queue: OperationQueue,
                     backend: InferenceBackend | None) -> Readiness:
     info, backend_check = await backend_info(backend)
     if info is not None and not info.ready:
-        backend_check = "the model is loading or the worker is replaying the ledger"
+        backend_check = str(info.details.get("not_ready") or NOT_READY)  # the backend's own reason, if it gives one
     checks = {"ledger": (await _ask(_in_thread(lambda: ping_ledger(ledger))))[1],
               "queue": (await _ask(_in_thread(queue.ping)))[1], "backend": backend_check}
     failing = [f"{name}: {why}" for name, why in checks.items() if why != OK]

@@ -61,7 +61,7 @@ def _start_worker(settings: Settings, sessions, queue):
     stop = threading.Event()
     thread = threading.Thread(target=worker.run, args=(stop,), name="knowpatch-worker", daemon=True)
     thread.start()
-    backend = LocalBackend(editor, version_wait_s=settings.version_wait_s, ready=worker.ready.is_set)
+    backend = LocalBackend(editor, version_wait_s=settings.version_wait_s, not_ready=worker.not_ready)
     return backend, stop, thread
 
 

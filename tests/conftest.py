@@ -17,6 +17,7 @@ import os
 import random
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -105,6 +106,25 @@ def pg_url() -> Iterator[str]:
         finally:
             # FORCE: a test that leaked a connection must not leave its database behind
             admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+@contextmanager
+def postgres_down(url: str) -> Iterator[None]:
+    """A real outage of the Postgres database at `url` (as pg_url makes) while the block runs: new
+    connections are refused and the open ones are cut, as in a database restart. Back afterwards."""
+    import psycopg
+    from psycopg import sql
+    from sqlalchemy.engine import make_url
+
+    name = sql.Identifier(str(make_url(url).database))
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=5) as admin:
+        admin.execute(sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS false").format(name))
+        try:
+            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s",
+                          [make_url(url).database])
+            yield
+        finally:
+            admin.execute(sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS true").format(name))
 
 
 @pytest.fixture

@@ -18,12 +18,16 @@ _DONE = object()
 
 
 class LocalBackend:
-    """Implements service.inference.InferenceBackend on an Editor held by this process."""
+    """Implements service.inference.InferenceBackend on an Editor held by this process.
 
-    def __init__(self, editor: Editor, *, version_wait_s: float = 30.0, ready: Callable[[], bool] = lambda: True) -> None:
+    `not_ready`: why the backend cannot serve edited answers now (the worker's Worker.not_ready:
+    replaying, its loop stopped, stuck or retrying after an error), None when it can."""
+
+    def __init__(self, editor: Editor, *, version_wait_s: float = 30.0,
+                 not_ready: Callable[[], str | None] = lambda: None) -> None:
         self.editor = editor
         self.version_wait_s = version_wait_s
-        self._ready = ready
+        self.not_ready = not_ready
 
     async def _wait_for(self, version: int | None) -> None:
         if version is None or self.editor.version >= version:
@@ -123,7 +127,10 @@ class LocalBackend:
                 "dtype": str(self.editor.adapter.head.weight.dtype).removeprefix("torch."),
                 "weights_digest": self.editor.served_digest(),  # sha256 of the edited weights as served
             }
-        return BackendInfo(self.editor.loaded.name, version, self._ready(), details)
+        reason = self.not_ready()
+        if reason is not None:
+            details["not_ready"] = reason  # /ready reports it (over HTTP too: details travel whole)
+        return BackendInfo(self.editor.loaded.name, version, reason is None, details)
 
     async def info(self) -> BackendInfo:
         return await asyncio.to_thread(self._info)

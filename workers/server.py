@@ -82,6 +82,12 @@ def create_worker_app(backend: LocalBackend) -> FastAPI:
     async def health() -> dict:
         return {"status": "ok"}
 
+    @app.get("/ready")
+    async def ready() -> JSONResponse:
+        """503 with the reason while the worker replays, or its loop has stopped, is stuck or is retrying."""
+        reason = backend.not_ready()
+        return JSONResponse({"ready": reason is None, "message": reason or "ready"}, status_code=503 if reason else 200)
+
     @app.api_route("/{path:path}", methods=["GET", "POST"], include_in_schema=False)
     async def unknown(path: str) -> JSONResponse:
         return _error(NotFound(f"no internal route /{path}"))

@@ -3,6 +3,11 @@
 Per batch: claim ops (commit) -> compute factors with no session open -> record them in the
 ledger (one commit) -> swap the weights in. A crash before the ledger commit leaves the ops
 claimed ('applying'), and they are taken again; a crash after it is repaired by the replay.
+
+No exception ends the loop (run): an edit whose computation fails is failed in the ledger with the
+reason; a ledger or queue that is down, or anything unexpected, is retried after a backoff; every
+claim counts an attempt on the operation, and one still unfinished after max_attempts is failed.
+not_ready() says when the loop is not doing its job, and why.
 """
 from __future__ import annotations
 
@@ -13,22 +18,25 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from sqlalchemy.orm import Session
 
-from service.engine.editor import BatchUpdate, Editor
+from service.engine.editor import BatchUpdate, Editor, WeightSwap
 from service.engine.factors import EditFactors, LayerFactor
-from service.engine.types import EditRequest
+from service.engine.types import EditRequest, RequestMetrics
 from service.errors import KnowpatchError, LedgerCorrupt, Unavailable
 from service.ledger import repository as repo
 from service.ledger.codec import StoredFactor
 from service.queue.base import OperationQueue
 
 log = logging.getLogger(__name__)
+
+STALE_POLLS = 3  # a loop silent for this many poll intervals, outside a batch, counts as stuck
+MAX_BACKOFF_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -41,11 +49,33 @@ class Job:
     method: str
 
 
+@dataclass
+class Computed:
+    """A batch's factors and measurements, with the weights they make, before anything is recorded."""
+
+    update: BatchUpdate
+    before: list[RequestMetrics]
+    after: list[RequestMetrics]
+    swap: WeightSwap
+    started: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class LoopState:
+    """What the loop last said about itself; not_ready() reads it from the serving threads."""
+
+    poll_s: float = 1.0
+    beat: float | None = None  # time.monotonic() of its last sign of life
+    busy: bool = False  # inside a batch: computing one may take minutes, so no beat is expected meanwhile
+    problem: str | None = None  # the error it is retrying after; None once an iteration succeeds
+    stopped: str | None = None  # why it no longer runs
+
+
 class Worker:
     def __init__(
         self, editor: Editor, session_factory: Callable[[], Session], queue: OperationQueue, *,
         batch_size: int = 8, fault_injection: str | None = None, snapshot_path: Path | None = None,
-        snapshot_every: int = 1000,
+        snapshot_every: int = 1000, max_attempts: int = 3,
     ) -> None:
         self.editor = editor
         self.snapshot_path = snapshot_path  # the factor store's sums, so a restart need not re-sum the ledger
@@ -56,8 +86,12 @@ class Worker:
         self.queue = queue
         self.batch_size = batch_size
         self.fault_injection = fault_injection
+        self.max_attempts = max_attempts  # claims of one operation before it is failed
         self.ready = threading.Event()
         self.last_apply_s: float | None = None
+        self.loop = LoopState()
+        self._last_error: str | None = None  # of the last failed loop iteration, until one succeeds
+        self._unsure = False  # after an error: the weights may lag the ledger (see _catch_up)
 
     # ---- start-up ----------------------------------------------------------------------------
 
@@ -124,7 +158,7 @@ class Worker:
                 return  # the ledger moved on since the weights were installed: next time
             self.editor.save_snapshot(self.snapshot_path, seq, chain_hash)
             self._unsnapshotted, self._snapshot_seq = 0, seq
-        except (OSError, KnowpatchError) as exc:  # a missed snapshot costs the next start time, nothing else
+        except Exception as exc:  # a missed snapshot costs the next start time, nothing else
             log.warning("could not write the factor-store snapshot %s: %s", self.snapshot_path, exc)
 
     def _edit_factors(self, edit_id: str, batch_id: str, factors: list[StoredFactor]) -> EditFactors:
@@ -162,22 +196,75 @@ class Worker:
     # ---- the loop ----------------------------------------------------------------------------
 
     def run(self, stop: threading.Event, poll_s: float = 1.0) -> None:
-        """Until `stop` is set: wait for messages (or poll), process every pending op, acknowledge."""
-        backoff = 1.0
-        while not stop.is_set():
-            try:
-                messages = self.queue.receive(timeout_s=poll_s)
-                while not stop.is_set() and self.process_next():
-                    pass
-                if messages:
-                    self.queue.ack(messages)  # only now: their ops are durable in the ledger
-                backoff = 1.0
-            except Unavailable as exc:
-                log.error("%s; retrying in %.0f s", exc.message, backoff)
-                stop.wait(backoff)
-                backoff = min(backoff * 2, 30.0)
-        if self._unsnapshotted:
-            self._snapshot()
+        """Until `stop` is set: wait for messages (or poll), process every pending op, acknowledge.
+        Any exception is logged and retried after a backoff that starts at poll_s."""
+        loop = self.loop
+        loop.poll_s, loop.stopped, loop.problem = poll_s, None, None
+        backoff = poll_s
+        try:
+            while not stop.is_set():
+                loop.beat = time.monotonic()
+                try:
+                    if self._unsure:
+                        self._catch_up()
+                    messages = self.queue.receive(timeout_s=poll_s)
+                    loop.busy = True
+                    while not stop.is_set() and self.process_next():
+                        loop.beat = time.monotonic()
+                    loop.busy = False
+                    if messages:
+                        self.queue.ack(messages)  # only now: their ops are durable in the ledger
+                    backoff, loop.problem, self._last_error = poll_s, None, None
+                except Exception as exc:  # the loop must outlive every failure: /ready reports it meanwhile
+                    loop.busy, self._unsure = False, True
+                    loop.problem = self._last_error = _reason(exc)
+                    if isinstance(exc, Unavailable):  # the ledger or the queue is down: expected, no trace
+                        log.error("%s; retrying in %.1f s", exc.message, backoff)
+                    else:
+                        log.exception("the worker loop failed; retrying in %.1f s", backoff)
+                    loop.beat = time.monotonic()
+                    stop.wait(backoff)
+                    backoff = min(backoff * 2, MAX_BACKOFF_S)
+            if self._unsnapshotted:
+                self._snapshot()
+        finally:
+            loop.busy = False
+            loop.stopped = "the worker is shutting down" if stop.is_set() else "it ended on an error; see the log"
+
+    def not_ready(self) -> str | None:
+        """Why this worker cannot serve the ledger's model and apply edits now; None when it can."""
+        if not self.ready.is_set():
+            return "the model is loading or the worker is replaying the ledger"
+        loop = self.loop
+        if loop.stopped is not None:
+            return f"the worker loop has stopped ({loop.stopped}): edits are not applied"
+        if loop.problem is not None:
+            return f"the worker is not applying edits; it is retrying after: {loop.problem}"
+        if loop.beat is None:
+            return "the worker loop has not started"
+        silent = time.monotonic() - loop.beat
+        if not loop.busy and silent > STALE_POLLS * loop.poll_s:
+            return f"the worker loop has not run for {silent:.0f} s (it polls every {loop.poll_s:g} s): it is stuck"
+        return None
+
+    def _catch_up(self) -> None:
+        """After an error, before anything else: the weights must be the ledger head's. A COMMIT that
+        raised may still have committed (the connection dropped before its reply): its operations
+        are then done in the ledger but missing from the weights, and are applied here."""
+        with self.sessions() as session:
+            head_seq, _ = repo.head(session)
+            digest = repo.head_digest(session)
+            missing = [] if head_seq == self.editor.version else [
+                (kind, self._edit_factors(edit_id, batch_id or "", repo.verified_factors(session, edit_id)))
+                for _, kind, edit_id, batch_id in repo.done_after(session, self.editor.version)]
+        if missing:
+            log.warning("the ledger recorded %d operations after version %d that the weights lack; applying them",
+                        len(missing), self.editor.version)
+            self.editor.replay_ops(missing, head_seq)
+        if digest is not None and self.editor.served_digest() != digest:
+            raise LedgerCorrupt(f"the served weights are not those the ledger recorded at seq {head_seq}; "
+                                "restart the worker to replay the ledger")
+        self._unsure = False
 
     def process_next(self) -> bool:
         """Take the next unit of work from the ledger; False when there is none."""
@@ -186,10 +273,20 @@ class Worker:
             ops = repo.next_operations(session, self.batch_size)
             if not ops:
                 return False
+            if ops[0].status == "applying":
+                # Claimed before and never finished (an error, or the worker died): retried alone, so
+                # that an operation that keeps failing cannot take its batch-mates down with it.
+                ops = ops[:1]
             claimed = repo.mark_applying(session, ops, batch_id)
-            jobs = [self._job(session, op) for op in claimed if op.kind == "apply"]
-            rollbacks = [(op.seq, op.edit_id) for op in claimed if op.kind == "rollback"]
-            session.commit()
+            session.commit()  # the attempt counts even if what follows fails or kills the worker
+            exhausted = [op for op in claimed if (op.attempts or 0) > self.max_attempts]
+            live = [op for op in claimed if op not in exhausted]
+            jobs = [self._job(session, op) for op in live if op.kind == "apply"]
+            rollbacks = [(op.seq, op.edit_id) for op in live if op.kind == "rollback"]
+        for op in exhausted:
+            why = f"the last failed with: {self._last_error}" if self._last_error else \
+                "the worker stopped or failed while applying it each time (e.g. killed for memory); see its log"
+            self._fail(op.seq, f"given up after {(op.attempts or 1) - 1} attempts; {why}")
         if rollbacks:
             self._rollback(*rollbacks[0])
         elif jobs:
@@ -207,26 +304,33 @@ class Worker:
     # ---- applying ----------------------------------------------------------------------------
 
     def _apply_batch(self, jobs: list[Job], batch_id: str) -> None:
+        """Compute, record, install. A computation that fails (refused, or any error such as running
+        out of memory) fails its edits, one by one for a batch; a failure while recording is the
+        ledger's, and propagates to run(), which retries."""
         runnable = [job for job in jobs if self._method_ok(job)]
         if not runnable:
             return
         try:
-            self._apply(runnable, batch_id)
-        except KnowpatchError as exc:
+            computed = self._compute(runnable, batch_id)
+        except Exception as exc:
             if len(runnable) == 1:
-                self._fail(runnable[0].seq, exc.message)
+                self._fail(runnable[0].seq, _reason(exc), exc)
                 return
             log.warning("batch %s failed as a whole (%s); applying its %d edits one by one",
-                        batch_id, exc.message, len(runnable))
+                        batch_id, _reason(exc), len(runnable))
             for i, job in enumerate(runnable):
                 single = f"{batch_id}-{i}"
                 with self.sessions() as session:
                     repo.rebatch(session, job.seq, single)
                     session.commit()
                 try:
-                    self._apply([job], single)
-                except KnowpatchError as single_exc:
-                    self._fail(job.seq, single_exc.message)
+                    alone = self._compute([job], single)
+                except Exception as single_exc:
+                    self._fail(job.seq, _reason(single_exc), single_exc)
+                else:
+                    self._record([job], alone, single)
+            return
+        self._record(runnable, computed, batch_id)
 
     def _method_ok(self, job: Job) -> bool:
         if job.method == self.editor.method:
@@ -234,13 +338,17 @@ class Worker:
         self._fail(job.seq, f"this worker applies {self.editor.method} edits; method {job.method} is not enabled here")
         return False
 
-    def _apply(self, jobs: list[Job], batch_id: str) -> None:
+    def _compute(self, jobs: list[Job], batch_id: str) -> Computed:
+        """Everything that needs the model and not the ledger; the served weights stay as they are."""
         started = time.perf_counter()
         requests = [job.request for job in jobs]
         before = self.editor.measure(requests)
         update = self.editor.compute(requests, [job.edit_id for job in jobs], batch_id)
         after = self.editor.measure(requests, update.pending)
-        swap = self.editor.plan_commit(update)
+        return Computed(update, before, after, self.editor.plan_commit(update), started)
+
+    def _record(self, jobs: list[Job], computed: Computed, batch_id: str) -> None:
+        update, before, after, swap = computed.update, computed.before, computed.after, computed.swap
         self._maybe_crash("after_compute")
         version = max(job.seq for job in jobs)
         with self.sessions() as session:
@@ -255,7 +363,7 @@ class Worker:
             session.commit()
         self._maybe_crash("after_commit")
         self.editor.install(swap, version)
-        self.last_apply_s = time.perf_counter() - started
+        self.last_apply_s = time.perf_counter() - computed.started
         for job in jobs:
             log.info("edit %s applied at version %d (batch %s of %d, %.2f s)",
                      job.edit_id, version, batch_id, len(jobs), self.last_apply_s)
@@ -263,8 +371,10 @@ class Worker:
     def _rollback(self, seq: int, edit_id: str) -> None:
         try:
             swap = self.editor.plan_revert(edit_id, self._ledger_factors(edit_id))
-        except KnowpatchError as exc:
-            self._fail(seq, exc.message)
+        except Unavailable:
+            raise  # the ledger went away while its factors were read: retried, not the rollback's fault
+        except Exception as exc:
+            self._fail(seq, _reason(exc), exc)
             return
         with self.sessions() as session:
             repo.record_rolled_back(session, seq, weights_digest=swap.digest, model_version=seq)
@@ -273,17 +383,24 @@ class Worker:
         self.editor.install(swap, seq)
         log.info("edit %s rolled back at version %d", edit_id, seq)
 
-    def _fail(self, seq: int, error: str) -> None:
+    def _fail(self, seq: int, error: str, exc: Exception | None = None) -> None:
         with self.sessions() as session:
             repo.record_failed(session, seq, error=error)
             session.commit()
-        log.warning("operation %d failed: %s", seq, error)
+        # A refusal is explained by its message; anything else (a bug, out of memory) needs its trace.
+        log.warning("operation %d failed: %s", seq, error,
+                    exc_info=exc if exc is not None and not isinstance(exc, KnowpatchError) else None)
 
     def _maybe_crash(self, point: str) -> None:
         """Testing knob (KNOWPATCH_FAULT_INJECTION): die here as a SIGKILL would."""
         if self.fault_injection == point:
             log.error("fault injection: killing the worker %s", point.replace("_", " "))
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _reason(exc: BaseException) -> str:
+    """An error as the ledger and /ready show it."""
+    return exc.message if isinstance(exc, KnowpatchError) else f"{type(exc).__name__}: {exc}"
 
 
 def _stored(update: BatchUpdate, j: int) -> list[StoredFactor]:

@@ -33,7 +33,7 @@ SUBMISSION_EXAMPLES = {
 
 
 @router.post("", status_code=202, response_model=EditAccepted | EditListAccepted,
-             responses=error_responses(400, 401, 403, 409, 422), summary="Submit one edit or a list of edits")
+             responses=error_responses(400, 401, 403, 409, 422, 503), summary="Submit one edit or a list of edits")
 def submit_edits(caller: EditWriter, body: Annotated[EditSubmission, Body(openapi_examples=SUBMISSION_EXAMPLES)],
                  response: Response, settings: SettingsDep,
                  ledger: LedgerDep, queue: QueueDep,
@@ -49,7 +49,7 @@ def submit_edits(caller: EditWriter, body: Annotated[EditSubmission, Body(openap
     return accepted[0] if isinstance(body, EditIn) else EditListAccepted(edits=accepted)
 
 
-@router.get("", response_model=EditPage, responses=error_responses(401, 403, 422), summary="List edits, newest first")
+@router.get("", response_model=EditPage, responses=error_responses(401, 403, 422, 503), summary="List edits, newest first")
 def list_edits(_: EditWriter, ledger: LedgerDep,
                status: Annotated[EditStatus | None, Query(description="only edits in this status")] = None,
                subject: Annotated[str | None, Query(description="only edits of exactly this subject",
@@ -60,21 +60,21 @@ def list_edits(_: EditWriter, ledger: LedgerDep,
     return edit_service.list_records(ledger, status=status, subject=subject, cursor=cursor, limit=limit)
 
 
-@router.get("/{edit_id}", response_model=EditAudit, responses=error_responses(401, 403, 404),
+@router.get("/{edit_id}", response_model=EditAudit, responses=error_responses(401, 403, 404, 503),
             summary="An edit's audit record")
 def get_edit(_: EditWriter, edit_id: str, ledger: LedgerDep) -> EditAudit:
     return edit_service.get_audit(ledger, edit_id)
 
 
 @router.post("/{edit_id}/rollback", status_code=202, response_model=RollbackAccepted,
-             responses=error_responses(400, 401, 403, 404, 409, 422), summary="Queue the rollback of an applied edit")
+             responses=error_responses(400, 401, 403, 404, 409, 422, 503), summary="Queue the rollback of an applied edit")
 def rollback_edit(caller: EditAdmin, edit_id: str, body: RollbackIn, ledger: LedgerDep,
                   queue: QueueDep) -> RollbackAccepted:
     """Ordered through the queue after everything already accepted (scope `edits:admin`)."""
     return edit_service.request_rollback(ledger, queue, edit_id, reason=body.reason, actor=caller.name)
 
 
-@router.delete("/{edit_id}", response_model=EditAudit, responses=error_responses(401, 403, 404, 409),
+@router.delete("/{edit_id}", response_model=EditAudit, responses=error_responses(401, 403, 404, 409, 503),
                summary="Cancel an edit that is still queued")
 def cancel_edit(caller: EditWriter, edit_id: str, ledger: LedgerDep) -> EditAudit:
     return edit_service.cancel(ledger, edit_id, actor=caller.name)

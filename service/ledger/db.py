@@ -5,14 +5,15 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event, text
-from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.engine import URL, ExceptionContext, make_url
+from sqlalchemy.exc import InterfaceError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import StaticPool
 
 from service.errors import Unavailable
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+POSTGRES_CONNECT_TIMEOUT_S = 10  # a host that drops packets is a 503 in seconds, not a hung request
 MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
 
 
@@ -47,12 +48,35 @@ def _on_sqlite_begin(conn: Any) -> None:
     conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
+def _raise_unavailable(context: ExceptionContext) -> None:
+    """handle_error hook, the one place where a ledger database that cannot be used right now (down,
+    restarting, refusing connections, the connection cut, locked past the busy timeout) becomes
+    Unavailable: the API answers 503 and the worker backs off and retries, and both recover by
+    themselves when it is back (the pool's pre-ping replaces dead connections)."""
+    error = context.sqlalchemy_exception
+    if context.is_pre_ping or not isinstance(error, (OperationalError, InterfaceError)):
+        return  # the pre-ping must see the driver's error to reconnect
+    if getattr(context.original_exception, "sqlite_errorname", None) == "SQLITE_ERROR":
+        # SQLite's generic code: a missing table or column, SQL this schema cannot run. A fault of
+        # the schema or the code, as the same statement on Postgres (ProgrammingError): not an outage.
+        return
+    where = context.engine.url.render_as_string(hide_password=True) if context.engine else context.dialect.name
+    detail = " ".join(str(context.original_exception).split())  # psycopg's messages span lines
+    raise Unavailable(f"the ledger database at {where} is unavailable: "
+                      f"{type(context.original_exception).__name__}: {detail}")
+
+
 def make_engine(url: str, **kwargs: Any) -> Engine:
-    """An engine for a ledger URL; on SQLite: foreign keys, WAL, busy timeout, serialized writes."""
+    """An engine for a ledger URL; on SQLite: foreign keys, WAL, busy timeout, serialized writes.
+    Either way an unusable database raises Unavailable (_raise_unavailable)."""
     u = make_url(url)
     if u.get_backend_name() != "sqlite":
         kwargs.setdefault("pool_pre_ping", True)  # survive a Postgres restart
-        return create_engine(u, **kwargs)
+        if u.get_driver_name() in ("psycopg", "psycopg2"):  # libpq drivers
+            kwargs["connect_args"] = {"connect_timeout": POSTGRES_CONNECT_TIMEOUT_S, **kwargs.get("connect_args", {})}
+        engine = create_engine(u, **kwargs)
+        event.listen(engine, "handle_error", _raise_unavailable)
+        return engine
     parent = _sqlite_parent(u)
     if parent is not None:
         parent.mkdir(parents=True, exist_ok=True)
@@ -62,6 +86,7 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
     engine = create_engine(u, **kwargs)
     event.listen(engine, "connect", _on_sqlite_connect)
     event.listen(engine, "begin", _on_sqlite_begin)
+    event.listen(engine, "handle_error", _raise_unavailable)
     return engine
 
 
@@ -75,7 +100,7 @@ def ping(engine: Engine) -> None:
     try:
         with engine.connect() as conn:
             conn.execute(text("SELECT 1"))
-    except SQLAlchemyError as exc:
+    except SQLAlchemyError as exc:  # what _raise_unavailable leaves alone, or an engine made elsewhere
         where = engine.url.render_as_string(hide_password=True)
         raise Unavailable(f"the ledger database at {where} is unreachable: {exc.__class__.__name__}: {exc}") from exc
 

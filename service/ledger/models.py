@@ -135,6 +135,8 @@ class Operation(Base):
     actor: Mapped[str | None] = mapped_column(String(255))
     reason: Mapped[str | None] = mapped_column(Text)
     weights_digest: Mapped[str | None] = mapped_column(String(64))
+    # Times a worker claimed the op (mark_applying); null on rows older than migration 0003 (= 0).
+    attempts: Mapped[int | None] = mapped_column(Integer)
     prev_hash: Mapped[str | None] = mapped_column(String(64))
     hash: Mapped[str | None] = mapped_column(String(64))
 

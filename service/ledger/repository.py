@@ -346,8 +346,8 @@ def next_operations(session: Session, max_batch: int) -> list[Operation]:
 
 
 def mark_applying(session: Session, ops: Iterable[Operation], batch_id: str) -> list[Operation]:
-    """Claim ops for a batch. Returns the ops claimed: any cancelled (or finished) since they were
-    read are left out, so the worker must process the returned list."""
+    """Claim ops for a batch and count the attempt on each. Returns the ops claimed: any cancelled
+    (or finished) since they were read are left out, so the worker must process the returned list."""
     claimed: list[Operation] = []
     now = utcnow()
     for op in sorted(ops, key=lambda o: o.seq):
@@ -356,12 +356,14 @@ def mark_applying(session: Session, ops: Iterable[Operation], batch_id: str) -> 
             continue
         op.status = "applying"
         op.batch_id = batch_id
+        op.attempts = (op.attempts or 0) + 1
         if op.kind == "apply":
             edit = _locked_edit(session, op.edit_id)
             edit.status = "applying"
             edit.batch_id = batch_id
             edit.updated_at = now
-            _event(session, edit.id, "applying", seq=op.seq, reason=f"batch {batch_id}")
+            again = f", attempt {op.attempts}" if op.attempts > 1 else ""
+            _event(session, edit.id, "applying", seq=op.seq, reason=f"batch {batch_id}{again}")
         claimed.append(op)
     session.flush()
     return claimed

@@ -44,9 +44,9 @@ def test_ready_with_a_backend(module_runner: ApiRunner, local_backend: LocalBack
     assert ready.status_code == 200, ready.text
     assert ready.json() == {"ready": True, "checks": {"ledger": "ok", "queue": "ok", "backend": "ok"},
                             "message": "ready"}
-    replaying = LocalBackend(editor, ready=lambda: False)  # as the worker is until it has replayed the ledger
+    replaying = LocalBackend(editor, not_ready=lambda: "the worker is replaying the ledger")  # Worker.not_ready
     loading = module_runner.start(backend=replaying).as_(None).get("/ready")
-    assert loading.status_code == 503 and "loading" in loading.json()["checks"]["backend"]
+    assert loading.status_code == 503 and loading.json()["checks"]["backend"] == "the worker is replaying the ledger"
 
 
 def test_info(module_runner: ApiRunner, local_backend: LocalBackend, editor: Editor) -> None:

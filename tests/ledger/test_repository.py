@@ -306,6 +306,7 @@ def test_crashed_applying_ops_come_back_first(db: sessionmaker[Session]) -> None
     with db() as s:  # the worker restarted: the batch it claimed was never recorded
         ops = repo.next_operations(s, 8)
         assert [op.seq for op in ops][:2] == crashed and ops[0].status == "applying"
+        assert [op.attempts for op in ops] == [1, 1, None]  # each claim counts (the worker gives up at a limit)
         assert repo.queued_operation_seqs(s) == crashed + [repo.get_edit(s, c).seq]
         assert repo.queue_position(s, repo.get_edit(s, c)) == 2
     work_once(db)
@@ -313,6 +314,8 @@ def test_crashed_applying_ops_come_back_first(db: sessionmaker[Session]) -> None
         assert [(e.status, e.batch_id != "batch-dead") for e in (repo.get_edit(s, i) for i in (a, b, c))] == [
             ("applied", True)] * 3
         assert [e.event for e in repo.edit_events(s, a)] == ["queued", "applying", "applying", "applied"]
+        assert [s.get(Operation, seq).attempts for seq in crashed] == [2, 2]
+        assert repo.edit_events(s, a)[2].reason.endswith(", attempt 2")
 
 
 def test_record_requires_a_claimed_op_and_happens_once(db: sessionmaker[Session]) -> None:
