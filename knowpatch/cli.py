@@ -1,4 +1,4 @@
-"""`knowpatch serve | api | worker | migrate | prepare | eval`.
+"""`knowpatch serve | api | worker | migrate | prepare | export | eval`.
 
 This module is the only place that imports api/ and workers/ together: it builds the objects
 (settings, ledger, queue, editor, worker, app) and hands them to each other.
@@ -161,6 +161,29 @@ def cmd_prepare(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace, settings: Settings) -> int:
+    """Write the served model (ledger head, or --version) as a Hugging Face folder or a PEFT LoRA adapter."""
+    from service.bootstrap import build_editor
+    from service.export import export_merged, export_peft, ledger_state, replay
+
+    if args.rank is not None and args.format != "peft":
+        raise SystemExit("--rank applies to --format peft only")
+    url = settings.resolved_database_url()
+    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file():
+        raise SystemExit(f"no ledger at {url}: set KNOWPATCH_DATABASE_URL or KNOWPATCH_DATA_DIR as for the service")
+    sessions = _ledger(settings, migrate_first=False)
+    editor = build_editor(settings, keep_factors=False)
+    with sessions() as session:
+        state = ledger_state(session, editor.layers, version=args.version)
+    replay(editor, state)
+    if args.format == "merged":
+        info = export_merged(editor, state, args.out)
+    else:
+        info = export_peft(editor, state, args.out, rank=args.rank)
+    log.info("export: %s", {k: info[k] for k in ("format", "ledger_head_seq", "weights_digest", "active_edits")})
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="knowpatch", description=(__doc__ or "knowpatch").splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -171,6 +194,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
     for name, func in (("worker", cmd_worker), ("migrate", cmd_migrate), ("prepare", cmd_prepare)):
         sub.add_parser(name, help=(func.__doc__ or name).splitlines()[0]).set_defaults(func=func)
+    p = sub.add_parser("export", help=(cmd_export.__doc__ or "export").splitlines()[0])
+    p.add_argument("--format", choices=("merged", "peft"), default="merged")
+    p.add_argument("--out", type=Path, required=True, help="a new (or empty) folder")
+    p.add_argument("--version", type=int, default=None, help="a model version (ledger seq); default the head")
+    p.add_argument("--rank", type=int, default=None, help="peft: truncate each layer to this rank by SVD")
+    p.set_defaults(func=cmd_export)
     try:
         from service.eval.cli import add_eval_parser
     except ImportError:  # the evaluation is optional at run time
