@@ -156,6 +156,7 @@ def test_150_sequential_edits_stay_in_bounds_that_the_paper_profile_breaks():
     default = _lifelong_run("default", 150, 75)
     paper = _lifelong_run("paper", 150, 75)
     base, new, old = default["baseline"], default["final"], paper["final"]
+    print(f"lifelong-150: baseline {base}\ndefault {new}\npaper {old}")  # shown with -s: the bounds' evidence
     assert new["efficacy"] >= EFFICACY_MIN, new
     assert new["perplexity"] <= PPL_DRIFT_MAX * base["perplexity"], (new["perplexity"], base["perplexity"])
     assert new["specificity"] >= base["specificity"] - SPECIFICITY_DROP_MAX, new
