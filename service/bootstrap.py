@@ -17,6 +17,7 @@ def hparams_from(settings: Settings) -> HyperParams:
     return load_hparams(settings.model, settings.profile).with_overrides(
         layers=settings.layers, stats_tokens=settings.stats_tokens,
         nullspace_threshold=settings.nullspace_threshold, nullspace_energy=settings.nullspace_energy,
+        v_stop_greedy_margin=settings.stop_margin, norm_penalty=settings.norm_penalty,
     )
 
 

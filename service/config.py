@@ -31,6 +31,9 @@ class Settings(BaseSettings):
     stats_tokens: int | None = Field(None, description="token budget of the key statistics; default from hparams")
     nullspace_threshold: float | None = None
     nullspace_energy: float | None = Field(None, description="optional relative criterion: keep directions holding this share of energy out")
+    stop_margin: float | None = Field(
+        None, ge=0, description="most-probable early stop: log-probability margin of each target token (default from hparams)")
+    norm_penalty: float | None = Field(None, ge=0, description="weight of the accumulated-update norm in the solve")
 
     # Service
     data_dir: Path = Field(Path(".knowpatch"), description="local data of the embedded deployment (SQLite ledger)")
