@@ -107,7 +107,7 @@ def test_early_stop_ends_sooner_with_the_target_greedy_on_its_prompts(smollm2):
     last = default.layers[-1]
     mpes = compute_targets(adapter, smollm2.tokenizer, requests, templates, default, last)
     nll = compute_targets(adapter, smollm2.tokenizer, requests, templates, paper, last)
-    assert sum(mpes.steps) < 0.75 * sum(nll.steps), (mpes.steps, nll.steps)
+    assert sum(mpes.steps) < 0.85 * sum(nll.steps), (mpes.steps, nll.steps)
     for steps, greedy in zip(mpes.steps, mpes.greedy):
         assert greedy or steps == default.v_num_grad_steps
     assert sum(mpes.greedy) >= 6
@@ -144,8 +144,8 @@ def _lifelong_run(profile: str, n: int, batch: int) -> tuple[dict, float]:
         editor.close()
 
 
-# The default profile after 200 edits in batches of 100 (docs/evaluation.md): efficacy 98.5,
-# specificity at the unedited level, perplexity +3.8% (the paper profile: +7.9%).
+# docs/evaluation.md: after 100 edits in a batch of 100 the default profile has efficacy 99, specificity
+# at the unedited level, perplexity +0.9%; at 200 edits the paper profile drifts +7.9%.
 EFFICACY_MIN = 90.0
 PPL_DRIFT_MAX = 1.05
 SPECIFICITY_DROP_MAX = 3.0
