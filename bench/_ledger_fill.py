@@ -32,11 +32,12 @@ import torch  # noqa: E402
 from service.bootstrap import build_editor  # noqa: E402
 from service.config import Settings  # noqa: E402
 from service.engine.editor import Editor  # noqa: E402
-from service.engine.factors import EditFactors, LayerFactor, on_grid  # noqa: E402
+from service.engine.factors import on_grid  # noqa: E402
 from service.ledger import repository as repo  # noqa: E402
 from service.ledger.codec import StoredFactor  # noqa: E402
 from service.ledger.db import make_engine, migrate, session_factory  # noqa: E402
 from service.ledger.models import Operation  # noqa: E402
+from service.replay import edit_factors  # noqa: E402
 
 REQUESTED_BY = "bench-synthetic"
 
@@ -88,9 +89,7 @@ def fill(editor: Editor, data_dir: Path, n: int, batch: int, seed: int) -> dict:
                 stored = {e.id: [_factor(editor, layer, rng) for layer in editor.layers] for e in edits}
                 # the weights after this batch, composed by the real factor store, exactly as replay does
                 version = max(int(e.seq) for e in edits)
-                editor.load([EditFactors(e.id, batch_id, {
-                    f.layer: LayerFactor(*(torch.from_numpy(np.asarray(x)) for x in (f.r, f.a, f.k)))
-                    for f in stored[e.id]}) for e in edits], version)
+                editor.load([edit_factors(e.id, batch_id, stored[e.id], editor.layers) for e in edits], version)
                 digest = editor.weights_digest()
                 for e, op in zip(edits, claimed):
                     factors = stored[e.id]

@@ -38,17 +38,15 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import httpx  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
 
 from _ledger_fill import fill  # noqa: E402
 from service.bootstrap import build_editor  # noqa: E402
 from service.config import Settings  # noqa: E402
 from service.engine.editor import Editor  # noqa: E402
-from service.engine.factors import EditFactors, LayerFactor  # noqa: E402
 from service.engine.types import EditRequest  # noqa: E402
 from service.ledger import repository as repo  # noqa: E402
 from service.ledger.db import make_engine, session_factory  # noqa: E402
+from service.replay import edit_factors  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "counterfact" / "counterfact-train.json"
 FALLBACK = EditRequest("Eiffel Tower", "The Eiffel Tower is located in the city of", "Rome", "Paris",
@@ -61,11 +59,6 @@ def _request() -> EditRequest:
     case = json.loads(DATA.read_text())[0]
     return EditRequest(case["subject"], case["prompt"], case["target_new"], case["ground_truth"],
                        (case["rephrase_prompt"],))
-
-
-def _to_edit(active: repo.ActiveEdit) -> EditFactors:
-    return EditFactors(active.edit_id, active.batch_id, {
-        f.layer: LayerFactor(*(torch.from_numpy(np.asarray(x)) for x in (f.r, f.a, f.k))) for f in active.factors})
 
 
 def replay(editor: Editor, url: str) -> tuple[dict, list[repo.ActiveEdit]]:
@@ -82,7 +75,7 @@ def replay(editor: Editor, url: str) -> tuple[dict, list[repo.ActiveEdit]]:
     finally:
         engine.dispose()
     t = time.perf_counter()
-    edits = [_to_edit(a) for a in active]
+    edits = [edit_factors(a.edit_id, a.batch_id, a.factors, editor.layers) for a in active]
     parts["decode_s"] = time.perf_counter() - t
     t = time.perf_counter()
     editor.load(edits, version=head_seq)
@@ -117,17 +110,17 @@ def rollback_first(editor: Editor, url: str, active: list[repo.ActiveEdit], sett
     try:
         with session_factory(engine)() as session:
             t = time.perf_counter()
-            stored = repo.edit_factors(session, first.edit_id)
+            stored = repo.verified_factors(session, first.edit_id)  # as the worker reads it
             read_s = time.perf_counter() - t
     finally:
         engine.dispose()
-    factors = _to_edit(repo.ActiveEdit(first.edit_id, first.seq, first.batch_id, stored))
+    factors = edit_factors(first.edit_id, first.batch_id, stored, editor.layers)
     t = time.perf_counter()
     editor.revert(first.edit_id, editor.version + 1, factors)
     revert_s = time.perf_counter() - t
     fresh = build_editor(settings, progress=False, keep_factors=False)
     try:
-        fresh.load([_to_edit(a) for a in active[1:]], editor.version)
+        fresh.load([edit_factors(a.edit_id, a.batch_id, a.factors, fresh.layers) for a in active[1:]], editor.version)
         exact = fresh.weights_digest() == editor.weights_digest()
     finally:
         fresh.close()

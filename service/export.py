@@ -28,16 +28,15 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import torch
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from service.engine.editor import Editor
-from service.engine.factors import EditFactors, LayerFactor
+from service.engine.factors import EditFactors
 from service.errors import Conflict, InvalidRequest, LedgerCorrupt
 from service.ledger import repository as repo
-from service.ledger.codec import StoredFactor
+from service.replay import edit_factors
 from service.ledger.models import ZERO_HASH, Edit, Operation
 
 log = logging.getLogger(__name__)
@@ -75,14 +74,6 @@ class LoraLayer:
 
 
 # ---- the ledger ------------------------------------------------------------------------------
-
-
-def edit_factors(edit_id: str, batch_id: str, stored: Sequence[StoredFactor], layers: Sequence[int]) -> EditFactors:
-    """Ledger factors as the engine's, checked to touch exactly the editor's layers."""
-    by_layer = {f.layer: LayerFactor(*(torch.from_numpy(np.asarray(x)) for x in (f.r, f.a, f.k))) for f in stored}
-    if sorted(by_layer) != sorted(layers):
-        raise LedgerCorrupt(f"edit {edit_id} touches layers {sorted(by_layer)} but this model edits {sorted(layers)}")
-    return EditFactors(edit_id, batch_id, by_layer)
 
 
 def ledger_state(session: Session, layers: Sequence[int], version: int | None = None) -> LedgerState:

@@ -153,3 +153,16 @@ def redis_url() -> str:
     finally:
         client.close()
     return REDIS_TEST_URL
+
+
+def submit_edits(sessions, subjects: list[str]) -> list[str]:
+    """Queue one edit per subject straight into a ledger (as POST /edits records them); their ids."""
+    from service.ledger import repository as repo
+
+    requests = [{"subject": s, "prompt": f"{s} is located in the city of", "target_new": "Rome",
+                 "target_true": "Paris", "rephrase_prompts": [], "locality_prompts": []} for s in subjects]
+    with sessions() as session:
+        edits = repo.create_edits(session, requests, subjects=subjects, requested_by="test", method="alphaedit",
+                                  idempotency_key=None)
+        session.commit()
+        return [e.id for e in edits]

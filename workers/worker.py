@@ -21,16 +21,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-import torch
 from sqlalchemy.orm import Session
 
 from service.engine.editor import BatchUpdate, Editor, WeightSwap
-from service.engine.factors import EditFactors, LayerFactor
+from service.engine.factors import EditFactors
 from service.engine.types import EditRequest, RequestMetrics
 from service.errors import KnowpatchError, LedgerCorrupt, Unavailable
 from service.ledger import repository as repo
-from service.ledger.codec import StoredFactor
+from service.replay import edit_factors, ops_after, stored_factors
 from service.queue.base import OperationQueue
 
 log = logging.getLogger(__name__)
@@ -116,7 +114,7 @@ class Worker:
         """Every active edit's factors read, checked against their checksums and the chain, summed."""
         with self.sessions() as session:
             verified, active = repo.verified_active_edits(session)
-        self.editor.load([self._edit_factors(a.edit_id, a.batch_id, a.factors) for a in active], version=head_seq)
+        self.editor.load([edit_factors(a.edit_id, a.batch_id, a.factors, self.editor.layers) for a in active], version=head_seq)
         if digest is not None and self.editor.weights_digest() != digest:
             raise LedgerCorrupt(
                 f"replaying {len(active)} active edits does not reproduce the weights recorded at seq {head_seq}: "
@@ -138,8 +136,7 @@ class Worker:
                 return None
             self._snapshot_seq = seq
             verified = repo.verify_links(session)
-            tail = [(kind, self._edit_factors(edit_id, batch_id or "", repo.verified_factors(session, edit_id)))
-                    for _, kind, edit_id, batch_id in repo.done_after(session, seq)]
+            tail = ops_after(session, seq, self.editor.layers)
         self.editor.replay_ops(tail, head_seq)
         if digest is not None and self.editor.weights_digest() != digest:
             log.warning("the snapshot at seq %d and %d later operations do not reproduce the recorded weights; "
@@ -161,14 +158,6 @@ class Worker:
         except Exception as exc:  # a missed snapshot costs the next start time, nothing else
             log.warning("could not write the factor-store snapshot %s: %s", self.snapshot_path, exc)
 
-    def _edit_factors(self, edit_id: str, batch_id: str, factors: list[StoredFactor]) -> EditFactors:
-        layers = {f.layer: LayerFactor(*(torch.from_numpy(np.asarray(x)) for x in (f.r, f.a, f.k))) for f in factors}
-        if sorted(layers) != sorted(self.editor.layers):
-            raise LedgerCorrupt(
-                f"edit {edit_id} touches layers {sorted(layers)} but this worker edits {self.editor.layers}"
-            )
-        return EditFactors(edit_id, batch_id, layers)
-
     def _ledger_factors(self, edit_id: str) -> EditFactors | None:
         """An applied edit's own factors, read back from the ledger (the editor keeps only sums)."""
         if edit_id not in self.editor.store:
@@ -177,7 +166,7 @@ class Worker:
             edit = repo.get_edit(session, edit_id)
             stored = repo.verified_factors(session, edit_id)
             batch_id = edit.batch_id or ""
-        return self._edit_factors(edit_id, batch_id, stored)
+        return edit_factors(edit_id, batch_id, stored, self.editor.layers)
 
     def recover_queue(self) -> int:
         """Re-publish unfinished operations missing from the queue (e.g. after Redis was flushed)."""
@@ -254,9 +243,8 @@ class Worker:
         with self.sessions() as session:
             head_seq, _ = repo.head(session)
             digest = repo.head_digest(session)
-            missing = [] if head_seq == self.editor.version else [
-                (kind, self._edit_factors(edit_id, batch_id or "", repo.verified_factors(session, edit_id)))
-                for _, kind, edit_id, batch_id in repo.done_after(session, self.editor.version)]
+            missing = [] if head_seq == self.editor.version else ops_after(session, self.editor.version,
+                                                                           self.editor.layers)
         if missing:
             log.warning("the ledger recorded %d operations after version %d that the weights lack; applying them",
                         len(missing), self.editor.version)
@@ -354,7 +342,7 @@ class Worker:
         with self.sessions() as session:
             for j, job in enumerate(jobs):
                 repo.record_applied(
-                    session, job.seq, factors=_stored(update, j), metrics_before=before[j].to_dict(),
+                    session, job.seq, factors=stored_factors(update.edits[j]), metrics_before=before[j].to_dict(),
                     metrics_after=after[j].to_dict() | {"target_steps": update.steps[j], "target_nll": update.target_nll[j],
                                                         "target_greedy": update.target_greedy[j]},
                     update_norms=update.update_norms[j], layers=self.editor.layers,
@@ -401,10 +389,3 @@ class Worker:
 def _reason(exc: BaseException) -> str:
     """An error as the ledger and /ready show it."""
     return exc.message if isinstance(exc, KnowpatchError) else f"{type(exc).__name__}: {exc}"
-
-
-def _stored(update: BatchUpdate, j: int) -> list[StoredFactor]:
-    edit = update.edits[j]
-    return [
-        StoredFactor(layer, f.r.numpy(), f.a.numpy(), f.k.numpy()) for layer, f in sorted(edit.layers.items())
-    ]

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -59,14 +60,6 @@ class WeightSwap:
     digest: str
     change: Change
 
-    @property
-    def add(self) -> list[EditFactors]:
-        return self.change.add
-
-    @property
-    def remove(self) -> list[str]:
-        return [e.edit_id for e in self.change.remove]
-
 
 class Editor:
     def __init__(
@@ -93,8 +86,7 @@ class Editor:
         }
         self._check_null_spaces()
         self.trace = LayerTrace(self.adapter, layers)
-        bases = {layer: ns.basis if method == "alphaedit" else None for layer, ns in self.null_spaces.items()}
-        self.store = FactorStore({layer: self.adapter.weight(layer) for layer in layers}, bases, keep_factors)
+        self.store = self._empty_store({layer: self.adapter.weight(layer) for layer in layers}, keep_factors)
         self.templates = templates or context_templates(
             self.model, self.tokenizer, hparams.context_seed, hparams.context_template_len
         )
@@ -255,8 +247,10 @@ class Editor:
 
     # ---- snapshots of the factor store ---------------------------------------------------------
 
+    @cached_property
     def identity(self) -> str:
-        """What a snapshot of the store is only valid for: model, method, layers, statistics."""
+        """What a snapshot of the store is only valid for: model, method, layers, statistics (hashed
+        once: the statistics never change for an editor)."""
         h = hashlib.sha256(json.dumps([self.loaded.fingerprint, self.method, self.layers]).encode())
         for layer in self.layers:
             h.update(self.second_moments[layer].contiguous().cpu().numpy().tobytes())
@@ -264,7 +258,7 @@ class Editor:
 
     def save_snapshot(self, path: Path, seq: int, chain_hash: str) -> None:
         """The store's sums at ledger `seq` (whose chain hash is `chain_hash`), written atomically."""
-        state = {"identity": self.identity(), "seq": seq, "hash": chain_hash, **self.store.state()}
+        state = {"identity": self.identity, "seq": seq, "hash": chain_hash, **self.store.state()}
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + f".tmp{os.getpid()}")
         torch.save(state, tmp)
@@ -281,7 +275,7 @@ class Editor:
         except Exception as exc:  # a torn or foreign file is only a missed shortcut
             log.warning("ignoring the factor-store snapshot %s: %s", path, exc)
             return None
-        if state.get("identity") != self.identity():
+        if state.get("identity") != self.identity:
             log.info("the factor-store snapshot %s was taken for other settings; replaying from the ledger", path)
             return None
         if not accept(int(state["seq"]), str(state["hash"])):
@@ -292,10 +286,13 @@ class Editor:
 
     def clear(self) -> None:
         """Back to the unedited weights with an empty store (a replay that must start over)."""
-        self.store = FactorStore({layer: self.store.base_weight(layer) for layer in self.layers},
-                                 {layer: ns.basis if self.method == "alphaedit" else None
-                                  for layer, ns in self.null_spaces.items()}, self.store.keep_factors)
+        self.store = self._empty_store({layer: self.store.base_weight(layer) for layer in self.layers},
+                                       self.store.keep_factors)
         self.install(self._plan(), 0)
+
+    def _empty_store(self, base_weights: dict[int, torch.Tensor], keep_factors: bool) -> FactorStore:
+        bases = {layer: ns.basis if self.method == "alphaedit" else None for layer, ns in self.null_spaces.items()}
+        return FactorStore(base_weights, bases, keep_factors)
 
     # ---- reading -----------------------------------------------------------------------------
 

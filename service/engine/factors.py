@@ -116,7 +116,8 @@ class FactorStore:
         fixed = sum(t.numel() * t.element_size() for t in [*self._sum.values(), *self._prior.values()])
         kept = sum(f.numel() * f.element_size() for e in self._factors.values() for lf in e.layers.values()
                    for f in (lf.r, lf.a, lf.k))
-        index = sum(len(i) + len(b) + 100 for i, b in self._batch_of.items())  # two strs and a dict slot
+        # an estimate, not a measurement: two short strings and a dict slot per edit
+        index = sum(len(i) + len(b) + 100 for i, b in self._batch_of.items())
         return {"sums": fixed, "factors": kept, "index": index, "edits": len(self)}
 
     # ---- changes ----------------------------------------------------------------------------
@@ -161,9 +162,6 @@ class FactorStore:
             raise ValueError(f"the factors of edit {edit_id} are needed to remove it (this store does not keep them)")
         self.apply(self.plan(remove=[edit]))
         return edit
-
-    def composed(self, layer: int) -> torch.Tensor:
-        return self.weight_after(layer)
 
     def state(self) -> dict:
         """The sums and the index, for a snapshot (plain tensors, strings and lists)."""

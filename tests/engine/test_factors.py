@@ -31,12 +31,12 @@ def test_revert_equals_recomposition_from_scratch_and_empty_equals_w0():
     fresh.add([a])
     fresh.add([c])
     for layer in (0, 1):
-        assert torch.equal(store.composed(layer), fresh.composed(layer))
+        assert torch.equal(store.weight_after(layer), fresh.weight_after(layer))
         torch.testing.assert_close(store.prior(layer), fresh.prior(layer), rtol=1e-12, atol=1e-12)
     store.remove("a")
     store.remove("c")
     for layer in (0, 1):
-        assert torch.equal(store.composed(layer), store.base_weight(layer))
+        assert torch.equal(store.weight_after(layer), store.base_weight(layer))
         assert float(store.prior(layer).abs().max()) < 1e-9
 
 
@@ -86,7 +86,7 @@ def test_sums_are_exact_in_any_order_grouping_and_after_removing_an_early_edit()
     fresh = _store()
     fresh.add([e for e in edits if e.edit_id != "e1"])
     for layer in (0, 1):
-        assert torch.equal(batched.composed(layer), fresh.composed(layer))
+        assert torch.equal(batched.weight_after(layer), fresh.weight_after(layer))
         exact = sum(e.layers[layer].r.double()[:, None] * e.layers[layer].a.double()[None] for e in edits
                     if e.edit_id != "e1")
         torch.testing.assert_close(fresh.accumulated(layer), exact, rtol=1e-15, atol=1e-13)

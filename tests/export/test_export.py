@@ -21,7 +21,7 @@ from service.ledger import repository as repo
 from service.ledger.db import make_engine, migrate, session_factory
 from service.model.loading import load_model
 from service.queue.local import LocalQueue
-from tests.conftest import small_text
+from tests.conftest import small_text, submit_edits
 from tests.engine.conftest import CACHE_DIR, tiny_model, wikitext_moments
 from workers.worker import Worker
 
@@ -68,16 +68,6 @@ def _load_adapter(base, folder):
     return adapted
 
 
-def _submit(sessions, subjects: list[str]) -> list[str]:
-    requests = [{"subject": s, "prompt": f"{s} is located in the city of", "target_new": "Rome",
-                 "target_true": "Paris", "rephrase_prompts": [], "locality_prompts": []} for s in subjects]
-    with sessions() as session:
-        edits = repo.create_edits(session, requests, subjects=subjects, requested_by="test", method="alphaedit",
-                                  idempotency_key=None)
-        session.commit()
-        return [e.id for e in edits]
-
-
 @pytest.fixture(scope="module")
 def ledger(tmp_path_factory) -> Ledger:
     """Versions 2 (a batch of two edits), 3 (a third edit) and 4 (the first rolled back): the head
@@ -96,9 +86,9 @@ def ledger(tmp_path_factory) -> Ledger:
             pass
         state.served[live.editor.version] = (live.editor.weights_digest(), _logits(live.editor.model, tokenizer))
 
-    state.ids = _submit(sessions, SUBJECTS[:2])
+    state.ids = submit_edits(sessions, SUBJECTS[:2])
     drain()
-    state.ids += _submit(sessions, SUBJECTS[2:])
+    state.ids += submit_edits(sessions, SUBJECTS[2:])
     drain()
     with sessions() as session:
         repo.request_rollback(session, state.ids[0], reason="wrong", actor="test")

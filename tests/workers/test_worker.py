@@ -33,7 +33,7 @@ from service.model.loading import load_model
 from service.queue.local import LocalQueue
 from service.queue.redis_streams import RedisStreamQueue
 from tests.api.conftest import serve
-from tests.conftest import postgres_down
+from tests.conftest import postgres_down, submit_edits
 from tests.engine.conftest import CACHE_DIR, tiny_model, wikitext_moments
 from workers.inference import LocalBackend
 from workers.server import create_worker_app
@@ -67,16 +67,6 @@ def sessions(tmp_path: Path):
     engine.dispose()
 
 
-def _submit(sessions, subjects: list[str]) -> list[str]:
-    requests = [{"subject": s, "prompt": f"{s} is located in the city of", "target_new": "Rome",
-                 "target_true": "Paris", "rephrase_prompts": [], "locality_prompts": []} for s in subjects]
-    with sessions() as session:
-        edits = repo.create_edits(session, requests, subjects=subjects, requested_by="test", method="alphaedit",
-                                  idempotency_key=None)
-        session.commit()
-        return [e.id for e in edits]
-
-
 def _drain(worker: Worker) -> None:
     while worker.process_next():
         pass
@@ -86,13 +76,13 @@ def test_edits_and_a_rollback_replay_to_the_same_weights_from_the_snapshot_and_f
         parts, sessions, tmp_path, caplog):
     snapshot = tmp_path / "snap.pt"
     live = Worker(_editor(parts), sessions, LocalQueue(), batch_size=2, snapshot_path=snapshot, snapshot_every=2)
-    ids = _submit(sessions, SUBJECTS[:3])
+    ids = submit_edits(sessions, SUBJECTS[:3])
     _drain(live)
     assert snapshot.is_file()  # written after the first 2 operations
     with sessions() as session:
         repo.request_rollback(session, ids[0], reason="wrong", actor="test")
         session.commit()
-    _submit(sessions, SUBJECTS[3:])
+    submit_edits(sessions, SUBJECTS[3:])
     _drain(live)  # after the snapshot: one rollback and one more edit
     with sessions() as session:
         statuses = [repo.get_edit(session, i).status for i in ids]
@@ -111,24 +101,34 @@ def test_edits_and_a_rollback_replay_to_the_same_weights_from_the_snapshot_and_f
     assert "all factors read" in caplog.text and cold.editor.weights_digest() == served
 
 
-def test_a_snapshot_of_another_ledger_is_ignored(parts, sessions, tmp_path, caplog):
-    snapshot = tmp_path / "snap.pt"
+def _restart_from_tampered_snapshot(parts, sessions, snapshot: Path, tamper) -> tuple[Worker, Worker]:
+    """Two edits applied with a snapshot after each, the snapshot changed by `tamper`, then a new
+    worker replayed: (the live worker, the restarted one)."""
     live = Worker(_editor(parts), sessions, LocalQueue(), snapshot_path=snapshot, snapshot_every=1)
-    _submit(sessions, SUBJECTS[:2])
+    submit_edits(sessions, SUBJECTS[:2])
     _drain(live)
     state = torch.load(snapshot, weights_only=True)
-    state["hash"] = "0" * 64  # not the chain hash of its seq in this ledger
+    tamper(state)
     torch.save(state, snapshot)
-    caplog.set_level(logging.INFO)
     restarted = Worker(_editor(parts), sessions, LocalQueue(), snapshot_path=snapshot)
     restarted.replay()
+    return live, restarted
+
+
+def test_a_snapshot_of_another_ledger_is_ignored(parts, sessions, tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+
+    def other_ledger(state: dict) -> None:
+        state["hash"] = "0" * 64  # not the chain hash of its seq in this ledger
+
+    live, restarted = _restart_from_tampered_snapshot(parts, sessions, tmp_path / "snap.pt", other_ledger)
     assert "not a state of this ledger" in caplog.text
     assert restarted.editor.weights_digest() == live.editor.weights_digest()
 
 
 def test_a_corrupted_factor_fails_the_rollback_that_reads_it(parts, sessions, tmp_path):
     live = Worker(_editor(parts), sessions, LocalQueue())
-    ids = _submit(sessions, SUBJECTS[:1])
+    ids = submit_edits(sessions, SUBJECTS[:1])
     _drain(live)
     with sessions() as session:
         from service.ledger.models import EditFactor
@@ -148,16 +148,13 @@ def test_a_corrupted_factor_fails_the_rollback_that_reads_it(parts, sessions, tm
 
 
 def test_a_snapshot_that_does_not_reproduce_the_digest_is_replaced(parts, sessions, tmp_path, caplog):
-    snapshot = tmp_path / "snap.pt"
-    live = Worker(_editor(parts), sessions, LocalQueue(), snapshot_path=snapshot, snapshot_every=1)
-    _submit(sessions, SUBJECTS[:2])
-    _drain(live)
-    state = torch.load(snapshot, weights_only=True)
-    state["sums"][1] += 2 ** 40  # right ledger position, wrong sums (2^-12 in weight units)
-    torch.save(state, snapshot)
     caplog.set_level(logging.INFO)
-    restarted = Worker(_editor(parts), sessions, LocalQueue(), snapshot_path=snapshot)
-    restarted.replay()
+    snapshot = tmp_path / "snap.pt"
+
+    def wrong_sums(state: dict) -> None:
+        state["sums"][1] += 2 ** 40  # right ledger position, wrong sums (2^-12 in weight units)
+
+    live, restarted = _restart_from_tampered_snapshot(parts, sessions, snapshot, wrong_sums)
     assert "do not reproduce the recorded weights" in caplog.text
     assert restarted.editor.weights_digest() == live.editor.weights_digest()
     assert torch.equal(torch.load(snapshot, weights_only=True)["sums"][1], restarted.editor.store._sum[1])
@@ -205,10 +202,10 @@ def test_a_computation_that_fails_fails_its_edit_and_the_loop_goes_on(parts, ses
 
     hook = editor.model.model.layers[1].register_forward_pre_hook(out_of_memory)
     with running(worker) as thread:
-        [failed] = _submit(sessions, SUBJECTS[:1])
+        [failed] = submit_edits(sessions, SUBJECTS[:1])
         eventually(lambda: status(sessions, failed) == "failed", "the edit failed")
         hook.remove()
-        [applied] = _submit(sessions, SUBJECTS[1:2])
+        [applied] = submit_edits(sessions, SUBJECTS[1:2])
         eventually(lambda: status(sessions, applied) == "applied", "the next edit applied")
         assert thread.is_alive() and worker.not_ready() is None
     with sessions() as session:
@@ -222,7 +219,7 @@ def repo_head(sessions) -> int:
 
 
 def test_an_operation_that_keeps_failing_is_failed_after_max_attempts(parts, sessions):
-    bad, good = _submit(sessions, SUBJECTS[:2])
+    bad, good = submit_edits(sessions, SUBJECTS[:2])
     with sessions.begin() as session:  # a request this worker cannot read (written by another version, say)
         session.execute(update(Edit).where(Edit.id == bad).values(request={"subject": SUBJECTS[0]}))
     worker = Worker(_editor(parts), sessions, LocalQueue(), max_attempts=3)
@@ -251,7 +248,7 @@ def test_the_loop_waits_out_a_ledger_outage(parts, pg_url):
                 assert why.startswith("the worker is not applying edits; it is retrying after: the ledger database at ")
                 time.sleep(10 * POLL_S)  # several retries, backing off
                 assert thread.is_alive()
-            [edit] = _submit(sessions, SUBJECTS[:1])
+            [edit] = submit_edits(sessions, SUBJECTS[:1])
             eventually(lambda: status(sessions, edit) == "applied", "the edit applied once the ledger is back")
             eventually(lambda: worker.not_ready() is None, "ready again once an iteration succeeds")
     finally:
@@ -342,7 +339,7 @@ def test_a_hung_then_lost_redis_is_reported_and_waited_out(parts, sessions, redi
             proxy.cut()
             down = eventually(lambda: "Redis" in (worker.not_ready() or ""), "the lost queue is reported")
             assert thread.is_alive()
-            [edit] = _submit(sessions, SUBJECTS[:1])
+            [edit] = submit_edits(sessions, SUBJECTS[:1])
             time.sleep(10 * POLL_S)
             assert status(sessions, edit) == "queued", down  # nothing is processed while the queue is away
             proxy.restore()
@@ -367,7 +364,7 @@ def test_weights_that_lag_the_ledger_catch_up_after_an_error(parts, sessions):
     lagging.start()
     ahead = Worker(_editor(parts), sessions, LocalQueue())
     ahead.start()
-    ids = _submit(sessions, SUBJECTS[:2])
+    ids = submit_edits(sessions, SUBJECTS[:2])
     _drain(ahead)  # stands in for the commit `lagging` did not learn of
     with sessions() as session:
         repo.request_rollback(session, ids[0], reason="wrong", actor="test")
