@@ -45,7 +45,7 @@ from service.config import Settings  # noqa: E402
 from service.engine.editor import Editor  # noqa: E402
 from service.engine.types import EditRequest  # noqa: E402
 from service.ledger import repository as repo  # noqa: E402
-from service.ledger.db import make_engine, session_factory  # noqa: E402
+from service.ledger.db import make_engine, migrate, session_factory  # noqa: E402
 from service.replay import edit_factors  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "counterfact" / "counterfact-train.json"
@@ -222,6 +222,8 @@ def main() -> None:
         finally:
             filler.close()
         print(f"filled: {results['fill']}", flush=True)
+    else:
+        migrate(url)  # a ledger kept from an earlier run: bring its schema up to date, as `serve` does
     t = time.perf_counter()
     editor = build_editor(settings, progress=False, keep_factors=False)
     results["model_and_stats_load_s"] = round(time.perf_counter() - t, 2)
