@@ -14,18 +14,10 @@ from typing import Any, TypeVar
 
 import httpx
 
-from service import errors
-from service.errors import KnowpatchError, Unavailable
+from service.errors import KnowpatchError, Unavailable, error_from_reply
 from service.inference import BackendInfo, CandidateScore, GenerateParams, GenerateResult, ScoreResult, StreamEvent
 
 T = TypeVar("T")
-ERROR_CLASSES: dict[str, type[KnowpatchError]] = {
-    cls.__name__: cls for cls in vars(errors).values()
-    if isinstance(cls, type) and issubclass(cls, KnowpatchError)
-}
-STATUS_CLASSES: dict[int, type[KnowpatchError]] = {
-    400: errors.InvalidRequest, 422: errors.InvalidRequest, 409: errors.Conflict, 503: errors.Unavailable,
-}
 
 
 def _build(cls: type[T], data: Any, where: str) -> T:
@@ -34,17 +26,6 @@ def _build(cls: type[T], data: Any, where: str) -> T:
         return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})  # type: ignore[arg-type]
     except (KeyError, TypeError) as exc:  # a required field missing, or not a JSON object
         raise KnowpatchError(f"{where} sent a malformed {cls.__name__}: {exc!r}") from None
-
-
-def error_from_reply(status: int, body: bytes, where: str) -> KnowpatchError:
-    """The service.errors exception a worker error reply stands for."""
-    try:
-        error = json.loads(body)["error"]
-        return ERROR_CLASSES.get(error["type"], KnowpatchError)(str(error["message"]))
-    except (ValueError, KeyError, TypeError):
-        text = body[:300].decode(errors="replace")
-        hint = " (is it a knowpatch worker of the same version?)" if status in (404, 405) else ""
-        return STATUS_CLASSES.get(status, KnowpatchError)(f"{where} answered {status}: {text}{hint}")
 
 
 class HttpBackend:

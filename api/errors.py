@@ -13,30 +13,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from api.schemas.common import UNION_TAGS
-from service.errors import (
-    Conflict,
-    EditFailed,
-    Forbidden,
-    InvalidRequest,
-    KnowpatchError,
-    NotFound,
-    Unauthorized,
-    Unavailable,
-)
+from service.errors import KnowpatchError, Unauthorized, Unavailable
 
 log = logging.getLogger(__name__)
-
-# Most specific class first; anything else derived from KnowpatchError is a server-side fault (500).
-STATUS_BY_ERROR: tuple[tuple[type[KnowpatchError], int], ...] = (
-    (InvalidRequest, 422),
-    (EditFailed, 422),
-    (NotFound, 404),
-    (Conflict, 409),
-    (Unauthorized, 401),
-    (Forbidden, 403),
-    (Unavailable, 503),
-)
-
 
 ERROR_DOCS = {  # status: (error type, description), for the OpenAPI document
     400: ("InvalidRequest", "malformed JSON; nothing was written"),
@@ -61,10 +40,6 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI `responses` for these error statuses, with an example body each."""
     return {s: {"description": ERROR_DOCS[s][1],
                 "content": {"application/json": {"example": error_body(*ERROR_DOCS[s])}}} for s in statuses}
-
-
-def status_of(exc: KnowpatchError) -> int:
-    return next((status for cls, status in STATUS_BY_ERROR if isinstance(exc, cls)), 500)
 
 
 def field_path(loc: Sequence[int | str]) -> str:
@@ -126,7 +101,7 @@ def _describe(request: Request, exc: Exception) -> tuple[int, str, str, dict[str
         headers = {"WWW-Authenticate": 'Bearer realm="knowpatch"'} if isinstance(exc, Unauthorized) else {}
         if isinstance(exc, Unavailable):  # the ledger's outages arrive as Unavailable too (ledger.db)
             headers["Retry-After"] = str(RETRY_AFTER_S)
-        return status_of(exc), type(exc).__name__, exc.message, headers
+        return exc.status, type(exc).__name__, exc.message, headers
     if isinstance(exc, RequestValidationError):
         status, message = describe_validation(exc.errors())
         return status, "InvalidRequest", message, {}

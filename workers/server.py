@@ -14,15 +14,10 @@ from service.inference import GenerateParams
 from workers.inference import LocalBackend
 
 log = logging.getLogger(__name__)
-_STATUS = {"InvalidRequest": 422, "NotFound": 404, "Conflict": 409, "Unavailable": 503}
-
-
-def _error_body(exc: KnowpatchError) -> dict:
-    return {"error": {"type": type(exc).__name__, "message": exc.message}}
 
 
 def _error(exc: KnowpatchError) -> JSONResponse:
-    return JSONResponse(_error_body(exc), status_code=_STATUS.get(type(exc).__name__, 500))
+    return JSONResponse(exc.body(), status_code=exc.status)
 
 
 async def _params(request: Request) -> GenerateParams:
@@ -60,7 +55,7 @@ def create_worker_app(backend: LocalBackend) -> FastAPI:
                 if not isinstance(exc, KnowpatchError):
                     log.error("generation stream failed", exc_info=exc)
                     exc = KnowpatchError("internal error in the worker; its log has the details")
-                yield f"data: {json.dumps(_error_body(exc))}\n\n"
+                yield f"data: {json.dumps(exc.body())}\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream")
 

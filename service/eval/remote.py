@@ -16,13 +16,12 @@ from typing import Any
 import httpx
 
 from service.engine.types import EditRequest
-from service.errors import Forbidden, InvalidRequest, KnowpatchError, Unauthorized, Unavailable
+from service.errors import KnowpatchError, Unavailable, error_from_reply
 from service.eval.backend import BatchOutcome, Query, QueryScore
 
 log = logging.getLogger(__name__)
 
 TERMINAL = {"applied", "failed", "rolled_back", "cancelled"}
-_STATUS_ERRORS: dict[int, type[KnowpatchError]] = {401: Unauthorized, 403: Forbidden}
 
 
 def _request_body(request: EditRequest, method: str | None, batch_id: str) -> dict[str, Any]:
@@ -63,8 +62,7 @@ class HttpBackend:
             raise Unavailable(f"{method} {self.url}{path} failed: {exc}") from exc
         if response.is_success:
             return response.json()
-        error = _STATUS_ERRORS.get(response.status_code, InvalidRequest if response.is_client_error else Unavailable)
-        raise error(f"{method} {path}: HTTP {response.status_code}: {response.text[:500]}")
+        raise error_from_reply(response.status_code, response.content, f"{method} {self.url}{path}")
 
     def _map(self, fn, items: Sequence) -> list:
         with ThreadPoolExecutor(max_workers=self.concurrency) as pool:

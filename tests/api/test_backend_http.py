@@ -117,7 +117,7 @@ def mocked(handler: Handler) -> HttpBackend:
 
 
 @pytest.mark.parametrize(("reply", "error", "message"), [
-    (httpx.Response(404, text="Not Found"), KnowpatchError, "answered 404: Not Found \\(is it a knowpatch worker"),
+    (httpx.Response(404, text="Not Found"), KnowpatchError, "answered 404: Not Found \\(is it a knowpatch server"),
     (httpx.Response(503, text="starting"), Unavailable, "answered 503: starting"),
     (httpx.Response(200, text="<html>"), KnowpatchError, "not JSON"),
     (httpx.Response(200, json={"generated_text": "x"}), KnowpatchError, "malformed GenerateResult"),

@@ -80,9 +80,9 @@ def test_score_groups_candidates_per_prompt_and_keeps_the_order(service_url):
 
 
 def test_http_errors_map_to_the_project_errors(service_url):
-    with pytest.raises(Unauthorized, match="401"):
+    with pytest.raises(Unauthorized, match="key"):
         _backend(service_url, key="wrong").generate(["x"], 5)
-    with pytest.raises(InvalidRequest, match="422"):
+    with pytest.raises(InvalidRequest, match="candidates"):
         _backend(service_url)._score_prompt(("p", []))
-    with pytest.raises(InvalidRequest, match="422"):
+    with pytest.raises(InvalidRequest, match="subject"):
         _backend(service_url).apply([EditRequest("Nowhere", "Somewhere is in", "Rome", None)], "bad")
