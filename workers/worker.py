@@ -364,6 +364,7 @@ class Worker:
         except Exception as exc:
             self._fail(seq, _reason(exc), exc)
             return
+        self._maybe_crash("during_rollback")
         with self.sessions() as session:
             repo.record_rolled_back(session, seq, weights_digest=swap.digest, model_version=seq)
             session.commit()
