@@ -33,5 +33,5 @@ bench: install
 	$(PY) bench/edit_latency.py
 
 lint: install
-	$(VENV)/bin/ruff check service api workers knowpatch
+	$(VENV)/bin/ruff check service api workers evaluation knowpatch
 	$(VENV)/bin/mypy

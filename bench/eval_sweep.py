@@ -13,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from service.eval.cli import main as eval_main
+from evaluation.cli import main as eval_main
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -201,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rank", type=int, default=None, help="peft: truncate each layer to this rank by SVD")
     p.set_defaults(func=cmd_export)
     try:
-        from service.eval.cli import add_eval_parser
+        from evaluation.cli import add_eval_parser
     except ImportError:  # the evaluation is optional at run time
         pass
     else:

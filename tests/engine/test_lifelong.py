@@ -124,9 +124,9 @@ def _lifelong_run(profile: str, n: int, batch: int) -> tuple[dict, float]:
     """n sequential CounterFact edits on a fresh SmolLM2 with the profile's shipped settings (WikiText
     statistics, cached by the other SmolLM2 tests), scored by the evaluation's own protocol; with the
     Frobenius norm of the accumulated update, summed over the edited layers."""
-    from service.eval.data import load_cases, load_heldout
-    from service.eval.local import LocalBackend, LocalSetup, open_editor
-    from service.eval.runner import EvalInputs, ProtocolSettings, run_protocol
+    from evaluation.data import load_cases, load_heldout
+    from evaluation.local import LocalBackend, LocalSetup, open_editor
+    from evaluation.runner import EvalInputs, ProtocolSettings, run_protocol
 
     from .conftest import CACHE_DIR
 

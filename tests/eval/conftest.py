@@ -1,4 +1,4 @@
-"""Fixtures of the evaluation tests: the evaluation's real in-process backend (service.eval.local.
+"""Fixtures of the evaluation tests: the evaluation's real in-process backend (evaluation.local.
 LocalBackend) over a real Editor on a tiny random Llama with the SmolLM2 tokenizer.
 
 `editor` is the API tests' fixture (AlphaEdit, layers 1-3, statistics over 64 tokens of the tests' small
@@ -15,7 +15,7 @@ import pytest
 
 from service.engine.editor import Editor
 from service.engine.types import Method
-from service.eval.local import LocalBackend
+from evaluation.local import LocalBackend
 from tests.api.conftest import editor  # noqa: F401  (the shared fixture, re-registered for this package)
 from tests.engine.conftest import tiny_model, wikitext_moments
 

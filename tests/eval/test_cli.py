@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from service.eval.cli import add_eval_parser, main, parse_layers
+from evaluation.cli import add_eval_parser, main, parse_layers
 from tests.conftest import TEST_CACHE, shared_data
 
 

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from service.errors import InvalidRequest
-from service.eval.data import load_cases, load_heldout, load_knowns
+from evaluation.data import load_cases, load_heldout, load_knowns
 from tests.conftest import shared_data
 
 

@@ -5,9 +5,9 @@ import pytest
 
 from service.engine.prompts import Row
 from service.errors import InvalidRequest
-from service.eval.backend import Query
-from service.eval.data import load_heldout
-from service.eval.local import LocalBackend, LocalSetup, _chunks, check_heldout_disjoint, open_editor
+from evaluation.backend import Query
+from evaluation.data import load_heldout
+from evaluation.local import LocalBackend, LocalSetup, _chunks, check_heldout_disjoint, open_editor
 from tests.conftest import TEST_CACHE, shared_data
 
 QUERIES = [

@@ -12,10 +12,10 @@ import pytest
 from service.engine.editor import Editor
 from service.engine.prompts import Row
 from service.engine.scoring import continuation_row, score_rows
-from service.eval import metrics
-from service.eval.backend import Query, QueryScore
-from service.eval.data import EditCase, HeldOutText, load_cases, load_heldout, load_knowns
-from service.eval.local import LocalBackend
+from evaluation import metrics
+from evaluation.backend import Query, QueryScore
+from evaluation.data import EditCase, HeldOutText, load_cases, load_heldout, load_knowns
+from evaluation.local import LocalBackend
 from tests.conftest import shared_data, small_text
 
 COUNTERFACT_KEYS = ["efficacy", "generalisation", "specificity", "efficacy_top1", "generalisation_top1",

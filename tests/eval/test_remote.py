@@ -9,10 +9,10 @@ import pytest
 
 from service.engine.types import EditRequest
 from service.errors import InvalidRequest, Unauthorized
-from service.eval.backend import Query
-from service.eval.data import load_cases, load_heldout, load_knowns
-from service.eval.remote import HttpBackend
-from service.eval.runner import EvalInputs, ProtocolSettings, run_protocol
+from evaluation.backend import Query
+from evaluation.data import load_cases, load_heldout, load_knowns
+from evaluation.remote import HttpBackend
+from evaluation.runner import EvalInputs, ProtocolSettings, run_protocol
 from tests.conftest import shared_data
 from tests.e2e.conftest import Process, free_port, service_env
 

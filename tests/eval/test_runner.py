@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 
 from service.engine.editor import Editor
-from service.eval import metrics
-from service.eval.data import load_cases, load_heldout, load_knowns
-from service.eval.local import LocalBackend
-from service.eval.report import load_run, metrics_table, write_comparison, write_run
-from service.eval.runner import EvalInputs, ProtocolSettings, run_protocol
+from evaluation import metrics
+from evaluation.data import load_cases, load_heldout, load_knowns
+from evaluation.local import LocalBackend
+from evaluation.report import load_run, metrics_table, write_comparison, write_run
+from evaluation.runner import EvalInputs, ProtocolSettings, run_protocol
 from tests.conftest import shared_data
 
 from .conftest import MakeBackend

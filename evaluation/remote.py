@@ -17,7 +17,7 @@ import httpx
 
 from service.engine.types import EditRequest
 from service.errors import KnowpatchError, Unavailable, error_from_reply
-from service.eval.backend import BatchOutcome, Query, QueryScore
+from evaluation.backend import BatchOutcome, Query, QueryScore
 
 log = logging.getLogger(__name__)
 

@@ -19,8 +19,8 @@ from collections.abc import Iterable, Sequence
 from statistics import fmean
 from typing import Any
 
-from service.eval.backend import Backend, Query, QueryScore
-from service.eval.data import EditCase, HeldOutText, KnownFact
+from evaluation.backend import Backend, Query, QueryScore
+from evaluation.data import EditCase, HeldOutText, KnownFact
 
 # Fluency (ROME / MEMIT / AlphaEdit): per text, the mean of (2/3)·H2 and (4/3)·H3, in bits.
 FLUENCY_WEIGHTS = {2: 2 / 3, 3: 4 / 3}

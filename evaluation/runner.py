@@ -18,9 +18,9 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from service.eval import metrics
-from service.eval.backend import Backend, BatchOutcome
-from service.eval.data import Dataset, EditCase, HeldOutText, KnownFact
+from evaluation import metrics
+from evaluation.backend import Backend, BatchOutcome
+from evaluation.data import Dataset, EditCase, HeldOutText, KnownFact
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""`knowpatch eval` and `knowpatch eval-compare` (also `python -m service.eval.cli ...`).
+"""`knowpatch eval` and `knowpatch eval-compare` (also `python -m evaluation.cli ...`).
 
     knowpatch eval counterfact --n 500 --batch-size 50 --method alphaedit --device cuda --out runs/cf-alphaedit
     knowpatch eval zsre --n 500 --batch-size 50 --url http://localhost:8000 --api-key $KEY
@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from service.errors import KnowpatchError
-from service.eval.backend import Backend
-from service.eval.data import DEFAULT_PATHS, load_cases, load_heldout, load_knowns
-from service.eval.report import metrics_table, write_comparison, write_partial, write_run
-from service.eval.runner import EvalInputs, ProtocolSettings, run_protocol
+from evaluation.backend import Backend
+from evaluation.data import DEFAULT_PATHS, load_cases, load_heldout, load_knowns
+from evaluation.report import metrics_table, write_comparison, write_partial, write_run
+from evaluation.runner import EvalInputs, ProtocolSettings, run_protocol
 
 log = logging.getLogger(__name__)
 DEFAULT_CACHE = Path.home() / ".cache" / "knowpatch"
@@ -138,10 +138,10 @@ def _device(name: str) -> str:
 
 def _open_backend(args: argparse.Namespace, inputs: EvalInputs) -> tuple[Backend, dict[str, float]]:
     if args.url:
-        from service.eval.remote import HttpBackend
+        from evaluation.remote import HttpBackend
 
         return HttpBackend(args.url, args.api_key, method=args.method), {}
-    from service.eval.local import LocalBackend, LocalSetup, open_editor
+    from evaluation.local import LocalBackend, LocalSetup, open_editor
 
     overrides = {"stats_tokens": args.stats_tokens, "nullspace_threshold": args.nullspace_threshold,
                  "nullspace_energy": args.nullspace_energy, "layers": args.layers, "v_lr": args.v_lr,

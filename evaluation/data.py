@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 Dataset = Literal["counterfact", "zsre"]
 
-DATA_ROOT = Path(__file__).resolve().parents[3] / "shared" / "data"  # <repo>/../shared/data
+DATA_ROOT = Path(__file__).resolve().parents[2] / "shared" / "data"  # <repo>/../shared/data
 DEFAULT_PATHS: dict[str, Path] = {
     "counterfact": DATA_ROOT / "counterfact" / "counterfact-train.json",
     "zsre": DATA_ROOT / "zsre" / "zsre_mend_train-1k.json",

@@ -16,8 +16,8 @@ from service.engine.prompts import Row
 from service.engine.scoring import Score, continuation_row, score_rows
 from service.engine.types import EditRequest, HyperParams, Method, load_hparams
 from service.errors import EditFailed, InvalidRequest
-from service.eval.backend import BatchOutcome, Query, QueryScore
-from service.eval.data import HeldOutText
+from evaluation.backend import BatchOutcome, Query, QueryScore
+from evaluation.data import HeldOutText
 from service.model.loading import LoadedModel, load_model
 
 log = logging.getLogger(__name__)
