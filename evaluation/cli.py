@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from service.errors import KnowpatchError
-from evaluation.backend import Backend
+from evaluation.targets import Target
 from evaluation.data import DEFAULT_PATHS, load_cases, load_heldout, load_knowns
 from evaluation.report import metrics_table, write_comparison, write_partial, write_run
 from evaluation.runner import EvalInputs, ProtocolSettings, run_protocol
@@ -136,12 +136,12 @@ def _device(name: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _open_backend(args: argparse.Namespace, inputs: EvalInputs) -> tuple[Backend, dict[str, float]]:
+def _open_target(args: argparse.Namespace, inputs: EvalInputs) -> tuple[Target, dict[str, float]]:
     if args.url:
-        from evaluation.remote import HttpBackend
+        from evaluation.targets.service import ServiceTarget
 
-        return HttpBackend(args.url, args.api_key, method=args.method), {}
-    from evaluation.local import LocalBackend, LocalSetup, open_editor
+        return ServiceTarget(args.url, args.api_key, method=args.method), {}
+    from evaluation.targets.engine import EngineTarget, LocalSetup, open_editor
 
     overrides = {"stats_tokens": args.stats_tokens, "nullspace_threshold": args.nullspace_threshold,
                  "nullspace_energy": args.nullspace_energy, "layers": args.layers, "v_lr": args.v_lr,
@@ -153,7 +153,7 @@ def _open_backend(args: argparse.Namespace, inputs: EvalInputs) -> tuple[Backend
     setup = LocalSetup(_device(args.device), args.model, args.dtype, args.cache_dir, args.method, args.corpus,
                        args.seed, args.profile, given)
     editor, timings = open_editor(setup, inputs.heldout, progress=not args.quiet)
-    return LocalBackend(editor), timings
+    return EngineTarget(editor), timings
 
 
 def _versions() -> dict[str, str]:
@@ -191,14 +191,14 @@ def run_eval(args: argparse.Namespace) -> int:
                                 args.checkpoints or (), args.sample, args.seed, args.first_k, args.fluency_n)
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     out = args.out or Path("eval-results") / f"{args.dataset}-{args.method}-n{args.n}-{stamp}"
-    backend, setup_timings = _open_backend(args, inputs)
+    target, setup_timings = _open_target(args, inputs)
     try:
-        config = _config(args, data, backend.describe(), every)
-        results = run_protocol(backend, inputs, settings, progress=not args.quiet,
+        config = _config(args, data, target.describe(), every)
+        results = run_protocol(target, inputs, settings, progress=not args.quiet,
                                on_checkpoint=lambda partial: _save_partial(partial, config, out))
-        described = backend.describe()
+        described = target.describe()
     finally:
-        backend.close()
+        target.close()
     results["config"] = _config(args, data, described, every)
     results["timings"] = {**setup_timings, **results["timings"], "total_s": time.perf_counter() - start}
     write_run(results, out)

@@ -8,7 +8,7 @@ Rates are percentages (as the paper's tables). Each dataset gives three headline
 - zsRE: teacher-forced token accuracy of the new answer on the question and its rephrasing, and
   of the unrelated question's answer; `*_top1` is exact match, `*_nll` the NLL comparison.
 Fluency, perplexity and the knowns control are shared by both. No torch here: the metrics run
-on any backend, including a service over HTTP, which cannot report top-1 (those come out None).
+on any target, including a service over HTTP, which cannot report top-1 (those come out None).
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from collections.abc import Iterable, Sequence
 from statistics import fmean
 from typing import Any
 
-from evaluation.backend import Backend, Query, QueryScore
+from evaluation.targets import Query, QueryScore, Target
 from evaluation.data import EditCase, HeldOutText, KnownFact
 
 # Fluency (ROME / MEMIT / AlphaEdit): per text, the mean of (2/3)·H2 and (4/3)·H3, in bits.
@@ -108,10 +108,10 @@ def _counterfact_case(case: EditCase, s: Sequence[QueryScore]) -> dict[str, Any]
     }
 
 
-def counterfact_metrics(backend: Backend, cases: Sequence[EditCase]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def counterfact_metrics(target: Target, cases: Sequence[EditCase]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Summary (percentages) and per-case results; one batched scoring call for all cases."""
     per_case_queries = [_counterfact_queries(c) for c in cases]
-    scores = backend.score([q for qs in per_case_queries for q in qs])
+    scores = target.score([q for qs in per_case_queries for q in qs])
     details, offset = [], 0
     for case, queries in zip(cases, per_case_queries):
         details.append(_counterfact_case(case, scores[offset : offset + len(queries)]))
@@ -148,10 +148,10 @@ def _zsre_case(case: EditCase, accuracy: Sequence[float | None], s: Sequence[Que
     }
 
 
-def zsre_metrics(backend: Backend, cases: Sequence[EditCase]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def zsre_metrics(target: Target, cases: Sequence[EditCase]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     split = [_zsre_queries(c) for c in cases]
-    accuracy = backend.token_accuracy([q for acc, _ in split for q in acc])
-    scores = backend.score([q for _, nll in split for q in nll])
+    accuracy = target.token_accuracy([q for acc, _ in split for q in acc])
+    scores = target.score([q for _, nll in split for q in nll])
     details, a_off, s_off = [], 0, 0
     for case, (acc, nll) in zip(cases, split):
         details.append(_zsre_case(case, accuracy[a_off : a_off + len(acc)], scores[s_off : s_off + len(nll)]))
@@ -166,11 +166,11 @@ CASE_METRICS = {"counterfact": counterfact_metrics, "zsre": zsre_metrics}
 
 # ---- shared: fluency, perplexity, control -----------------------------------------------------------
 
-def fluency_metric(backend: Backend, cases: Sequence[EditCase], max_new_tokens: int) -> tuple[float | None, list[str]]:
+def fluency_metric(target: Target, cases: Sequence[EditCase], max_new_tokens: int) -> tuple[float | None, list[str]]:
     """Fluency of greedy generations on the edited prompts, and the texts. The text scored
     includes the prompt, as the reference's generations do."""
     prompts = [c.prompt for c in cases]
-    texts = [p + c for p, c in zip(prompts, backend.generate(prompts, max_new_tokens))]
+    texts = [p + c for p, c in zip(prompts, target.generate(prompts, max_new_tokens))]
     return fluency(texts), texts
 
 
@@ -183,23 +183,23 @@ def heldout_queries(heldout: HeldOutText) -> list[Query]:
     return queries
 
 
-def perplexity_metric(backend: Backend, heldout: HeldOutText) -> float:
-    return perplexity(backend.score(heldout_queries(heldout)))
+def perplexity_metric(target: Target, heldout: HeldOutText) -> float:
+    return perplexity(target.score(heldout_queries(heldout)))
 
 
-def control_references(backend: Backend, facts: Sequence[KnownFact], max_new_tokens: int) -> list[str]:
+def control_references(target: Target, facts: Sequence[KnownFact], max_new_tokens: int) -> list[str]:
     """The unedited model's greedy continuations of the control prompts."""
-    return backend.generate([f.prompt for f in facts], max_new_tokens)
+    return target.generate([f.prompt for f in facts], max_new_tokens)
 
 
-def control_metrics(backend: Backend, facts: Sequence[KnownFact], references: Sequence[str],
+def control_metrics(target: Target, facts: Sequence[KnownFact], references: Sequence[str],
                     max_new_tokens: int) -> tuple[dict[str, float | None], list[dict[str, Any]]]:
     """control_retained: the model still continues each known fact's prompt exactly as before the
     edits; control_top1: the known attribute is the teacher-forced top-1 continuation."""
     if not facts:
         return {"control_retained": None, "control_top1": None}, []
-    now = backend.generate([f.prompt for f in facts], max_new_tokens)
-    scores = backend.score([Query(f.prompt, f.attribute) for f in facts])
+    now = target.generate([f.prompt for f in facts], max_new_tokens)
+    scores = target.score([Query(f.prompt, f.attribute) for f in facts])
     details = [{"known_id": f.known_id, "prompt": f.prompt, "reference": ref, "now": text, "attribute_top1": s.top1}
                for f, ref, text, s in zip(facts, references, now, scores)]
     summary = {"control_retained": rate(a == b for a, b in zip(now, references)),

@@ -2,7 +2,7 @@
 scored on the final model, after scoring the unedited model on the same cases.
 
 Checkpoints every k edits score the cases edited so far, the knowns control and the held-out
-perplexity, for degradation curves. The protocol only talks to a `Backend`, so it runs the same
+perplexity, for degradation curves. The protocol only talks to a `Target`, so it runs the same
 in-process and against a service over HTTP.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from evaluation import metrics
-from evaluation.backend import Backend, BatchOutcome
+from evaluation.targets import BatchOutcome, Target
 from evaluation.data import Dataset, EditCase, HeldOutText, KnownFact
 
 log = logging.getLogger(__name__)
@@ -68,31 +68,31 @@ def _stage(what: str) -> Iterator[None]:
 class _Scorer:
     """Scores a model state: case metrics, and the shared control / perplexity / fluency."""
 
-    def __init__(self, backend: Backend, inputs: EvalInputs, settings: ProtocolSettings) -> None:
-        self.backend, self.inputs, self.settings = backend, inputs, settings
+    def __init__(self, target: Target, inputs: EvalInputs, settings: ProtocolSettings) -> None:
+        self.target, self.inputs, self.settings = target, inputs, settings
         self.references: list[str] = []
 
     def take_references(self) -> None:
         """Called on the unedited model: what the control prompts should keep producing."""
-        self.references = metrics.control_references(self.backend, self.inputs.knowns, self.settings.control_tokens)
+        self.references = metrics.control_references(self.target, self.inputs.knowns, self.settings.control_tokens)
 
     def __call__(self, cases: Sequence[EditCase], fluency: bool,
                  first: Sequence[EditCase] = ()) -> tuple[dict[str, Any], dict[str, Any]]:
         """Summary numbers, and the per-case details (scores, generations, control continuations)."""
         with _stage(f"{self.settings.dataset} metrics of {len(cases)} cases"):
-            summary, per_case = metrics.CASE_METRICS[self.settings.dataset](self.backend, cases)
+            summary, per_case = metrics.CASE_METRICS[self.settings.dataset](self.target, cases)
         details: dict[str, Any] = {"cases": per_case}
         if first:
-            summary["first_k"] = metrics.CASE_METRICS[self.settings.dataset](self.backend, first)[0]
+            summary["first_k"] = metrics.CASE_METRICS[self.settings.dataset](self.target, first)[0]
         fluent = cases[: self.settings.fluency_n] if self.settings.fluency_n else cases
         if (fluency or self.settings.fluency_n) and self.settings.fluency_tokens:
             with _stage(f"fluency: {len(fluent)} generations of {self.settings.fluency_tokens} tokens"):
                 summary["fluency"], details["generations"] = metrics.fluency_metric(
-                    self.backend, fluent, self.settings.fluency_tokens)
+                    self.target, fluent, self.settings.fluency_tokens)
         with _stage("perplexity and control"):
             summary["perplexity"] = self._perplexity()
             control, details["control"] = metrics.control_metrics(
-                self.backend, self.inputs.knowns, self.references, self.settings.control_tokens)
+                self.target, self.inputs.knowns, self.references, self.settings.control_tokens)
         summary.update(control)
         summary["cases"] = len(cases)
         return summary, details
@@ -100,7 +100,7 @@ class _Scorer:
     def _perplexity(self) -> float | None:
         if self.inputs.heldout is None:
             return None
-        return metrics.perplexity_metric(self.backend, self.inputs.heldout)
+        return metrics.perplexity_metric(self.target, self.inputs.heldout)
 
 
 def _batch_record(index: int, first_case: int, outcome: BatchOutcome, seconds: float) -> dict[str, Any]:
@@ -113,10 +113,10 @@ def _batch_record(index: int, first_case: int, outcome: BatchOutcome, seconds: f
 class _Protocol:
     """The state of one run: batches applied so far, checkpoints, timings."""
 
-    def __init__(self, backend: Backend, inputs: EvalInputs, settings: ProtocolSettings,
+    def __init__(self, target: Target, inputs: EvalInputs, settings: ProtocolSettings,
                  on_checkpoint: Callable[[dict[str, Any]], None] | None = None) -> None:
-        self.backend, self.settings, self.cases = backend, settings, list(inputs.cases)
-        self.score = _Scorer(backend, inputs, settings)
+        self.target, self.settings, self.cases = target, settings, list(inputs.cases)
+        self.score = _Scorer(target, inputs, settings)
         self.on_checkpoint = on_checkpoint
         self.timings: dict[str, float] = {"checkpoint_eval_s": 0.0}
         self.checkpoints: list[dict[str, Any]] = []
@@ -152,7 +152,7 @@ class _Protocol:
     def edit_all(self, progress: bool) -> None:
         """Every batch in order; a checkpoint at the first batch boundary at or past each one due."""
         due, size = self._due(), self.settings.batch_size
-        desc = f"{self.backend.kind} {self.settings.dataset}"
+        desc = f"{self.target.kind} {self.settings.dataset}"
         with tqdm(total=len(self.cases), unit="edit", desc=desc, disable=not progress) as bar:
             for index, first in enumerate(range(0, len(self.cases), size)):
                 edited = self._apply(index, first)
@@ -165,7 +165,7 @@ class _Protocol:
     def _apply(self, index: int, first: int) -> int:
         batch = self.cases[first : first + self.settings.batch_size]
         start = time.perf_counter()
-        outcome = self.backend.apply([c.request() for c in batch], batch_id=f"eval-{index:05d}")
+        outcome = self.target.apply([c.request() for c in batch], batch_id=f"eval-{index:05d}")
         self.batches.append(_batch_record(index, first, outcome, time.perf_counter() - start))
         self.applied += len(batch) if outcome.applied else 0
         record = self.batches[-1]
@@ -183,11 +183,11 @@ class _Protocol:
                                 "edits_applied": self.applied, "timings": self.timings, "partial": True})
 
 
-def run_protocol(backend: Backend, inputs: EvalInputs, settings: ProtocolSettings, progress: bool = True,
+def run_protocol(target: Target, inputs: EvalInputs, settings: ProtocolSettings, progress: bool = True,
                  on_checkpoint: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Baseline, sequential edits with checkpoints, final scores. Returns the results (no config).
     `on_checkpoint` gets the results so far after each checkpoint (long runs save them as they go)."""
-    run = _Protocol(backend, inputs, settings, on_checkpoint)
+    run = _Protocol(target, inputs, settings, on_checkpoint)
     start = time.perf_counter()
     baseline, baseline_details = run.timed("baseline_eval_s", run.baseline)
     run.checkpoints.append({"edits": 0, "applied": 0, **baseline})

@@ -125,7 +125,7 @@ def _lifelong_run(profile: str, n: int, batch: int) -> tuple[dict, float]:
     statistics, cached by the other SmolLM2 tests), scored by the evaluation's own protocol; with the
     Frobenius norm of the accumulated update, summed over the edited layers."""
     from evaluation.data import load_cases, load_heldout
-    from evaluation.local import LocalBackend, LocalSetup, open_editor
+    from evaluation.targets.engine import EngineTarget, LocalSetup, open_editor
     from evaluation.runner import EvalInputs, ProtocolSettings, run_protocol
 
     from .conftest import CACHE_DIR
@@ -137,7 +137,7 @@ def _lifelong_run(profile: str, n: int, batch: int) -> tuple[dict, float]:
     try:
         inputs = EvalInputs(load_cases("counterfact", shared_data("counterfact"), n).cases, [], heldout)
         settings = ProtocolSettings("counterfact", batch, fluency_tokens=0)
-        results = run_protocol(LocalBackend(editor), inputs, settings, progress=False)
+        results = run_protocol(EngineTarget(editor), inputs, settings, progress=False)
         norm = sum(float(editor.store.accumulated(layer).norm()) for layer in editor.layers)
         return results, norm
     finally:

@@ -1,13 +1,13 @@
-"""The in-process backend on the real SmolLM2: its scores agree with each other and with generation."""
+"""The in-process target on the real SmolLM2: its scores agree with each other and with generation."""
 from __future__ import annotations
 
 import pytest
 
 from service.engine.prompts import Row
 from service.errors import InvalidRequest
-from evaluation.backend import Query
+from evaluation.targets import Query
 from evaluation.data import load_heldout
-from evaluation.local import LocalBackend, LocalSetup, _chunks, check_heldout_disjoint, open_editor
+from evaluation.targets.engine import EngineTarget, LocalSetup, _chunks, check_heldout_disjoint, open_editor
 from tests.conftest import TEST_CACHE, shared_data
 
 QUERIES = [
@@ -25,45 +25,45 @@ def test_chunks_bound_padded_and_target_tokens():
 
 
 @pytest.fixture(scope="module")
-def backend():
+def target():
     wikitext = shared_data("wikitext")
     setup = LocalSetup(device="cpu", cache_dir=TEST_CACHE, corpus=str(wikitext), overrides={"stats_tokens": 20_000})
     editor, _ = open_editor(setup, load_heldout(wikitext, chunks=2), progress=False)
-    yield LocalBackend(editor)
+    yield EngineTarget(editor)
     editor.close()
 
 
 @pytest.mark.slow
-def test_token_accuracy_matches_top1_and_chunking_changes_nothing(backend):
-    scores = backend.score(QUERIES)
-    accuracy = backend.token_accuracy(QUERIES)
+def test_token_accuracy_matches_top1_and_chunking_changes_nothing(target):
+    scores = target.score(QUERIES)
+    accuracy = target.token_accuracy(QUERIES)
     for query, score, acc in zip(QUERIES, scores, accuracy):
         assert 0.0 <= acc <= 1.0
         assert score.top1 == (acc == 1.0), query  # all tokens right <=> every per-token row right
-    tiny = LocalBackend(backend.editor, max_batch_tokens=16, max_target_tokens=2)
+    tiny = EngineTarget(target.editor, max_batch_tokens=16, max_target_tokens=2)
     for a, b in zip(scores, tiny.score(QUERIES)):
         assert a.tokens == b.tokens and a.top1 == b.top1
         assert a.total_logprob == pytest.approx(b.total_logprob, abs=1e-3)
 
 
 @pytest.mark.slow
-def test_greedy_generation_returns_the_continuation_and_agrees_with_top1(backend):
+def test_greedy_generation_returns_the_continuation_and_agrees_with_top1(target):
     prompts = [q.prompt for q in QUERIES]
-    first = backend.generate(prompts, 6)
-    assert first == backend.generate(prompts, 6)
+    first = target.generate(prompts, 6)
+    assert first == target.generate(prompts, 6)
     assert not any(text.startswith(prompt) for text, prompt in zip(first, prompts))
     # teacher-forced top-1 of the model's own greedy continuation is true (batched = single)
-    single = [backend.generate([p], 6)[0] for p in prompts]
+    single = [target.generate([p], 6)[0] for p in prompts]
     assert single == first
-    scores = backend.score([Query(p, t.strip()) for p, t in zip(prompts, first) if t.strip()])
+    scores = target.score([Query(p, t.strip()) for p, t in zip(prompts, first) if t.strip()])
     assert sum(s.top1 for s in scores) >= len(scores) - 1  # re-tokenising text can split one differently
 
 
 @pytest.mark.slow
-def test_statistics_budget_reaching_the_perplexity_slice_is_refused(backend):
+def test_statistics_budget_reaching_the_perplexity_slice_is_refused(target):
     from service.engine.corpus import TextCorpus
 
     heldout = load_heldout(shared_data("wikitext"), chunks=2)
-    check_heldout_disjoint(backend.editor.loaded, TextCorpus(heldout.path), heldout, 20_000)
+    check_heldout_disjoint(target.editor.loaded, TextCorpus(heldout.path), heldout, 20_000)
     with pytest.raises(InvalidRequest, match="lower --stats-tokens"):
-        check_heldout_disjoint(backend.editor.loaded, TextCorpus(heldout.path), heldout, 10_000_000)
+        check_heldout_disjoint(target.editor.loaded, TextCorpus(heldout.path), heldout, 10_000_000)

@@ -1,5 +1,5 @@
 """The metric definitions on known inputs (no model), and the dataset metrics on the evaluation's
-real in-process backend (a tiny random Llama: the tests check the numbers are the editor's own
+real in-process target (a tiny random Llama: the tests check the numbers are the editor's own
 comparisons, not that such a model learns the facts)."""
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from service.engine.editor import Editor
 from service.engine.prompts import Row
 from service.engine.scoring import continuation_row, score_rows
 from evaluation import metrics
-from evaluation.backend import Query, QueryScore
+from evaluation.targets import Query, QueryScore
 from evaluation.data import EditCase, HeldOutText, load_cases, load_heldout, load_knowns
-from evaluation.local import LocalBackend
+from evaluation.targets.engine import EngineTarget
 from tests.conftest import shared_data, small_text
 
 COUNTERFACT_KEYS = ["efficacy", "generalisation", "specificity", "efficacy_top1", "generalisation_top1",
@@ -112,7 +112,7 @@ def test_counterfact_case_compares_new_and_true_targets_and_the_neighbour_the_ot
     means.update({loc_true: -3.0, loc_new: -0.5, rephrase_new: -4.0})
     case = metrics._counterfact_case(cf, _scores(queries, means))
     assert (case["efficacy"], case["generalisation"], case["specificity"]) == (True, 0.0, False)
-    assert case["efficacy_top1"] is None and case["generalisation_top1"] is None  # a backend without argmax
+    assert case["efficacy_top1"] is None and case["generalisation_top1"] is None  # a target without argmax
 
 
 def test_zsre_case_uses_token_accuracy_and_is_none_where_a_backend_cannot_tell(zsre: EditCase):
@@ -131,7 +131,7 @@ def test_zsre_case_uses_token_accuracy_and_is_none_where_a_backend_cannot_tell(z
     assert metrics.rate([http["efficacy"]]) is None and metrics.rate([http["efficacy_nll"]]) == 100.0
 
 
-# ---- on the real in-process backend -------------------------------------------------------------
+# ---- on the real in-process target -------------------------------------------------------------
 
 def _direct_counterfact(editor: Editor, case: EditCase) -> dict:
     """The case's comparisons from the editor's own scorer, one prompt at a time."""
@@ -165,28 +165,28 @@ def _assert_editor_agrees(summary: dict, details: list[dict], cases: list[EditCa
     assert all(0.0 <= summary[k] <= 100.0 for k in COUNTERFACT_KEYS)
 
 
-def test_counterfact_metrics_are_the_editors_comparisons_before_and_after_an_edit(backend: LocalBackend,
+def test_counterfact_metrics_are_the_editors_comparisons_before_and_after_an_edit(target: EngineTarget,
                                                                                   editor: Editor, cf: EditCase):
     cases = load_cases("counterfact", shared_data("counterfact"), n=4).cases
     assert cases[0] == cf
-    before, before_details = metrics.counterfact_metrics(backend, cases)
+    before, before_details = metrics.counterfact_metrics(target, cases)
     _assert_editor_agrees(before, before_details, cases, editor)
 
-    outcome = backend.apply([cf.request()], "b0")
+    outcome = target.apply([cf.request()], "b0")
     assert outcome.applied and outcome.error is None and outcome.model_version == editor.version == 1
     assert len(outcome.steps) == len(outcome.target_nll) == 1 and outcome.timings["targets_s"] > 0
 
-    after, after_details = metrics.counterfact_metrics(backend, cases)
+    after, after_details = metrics.counterfact_metrics(target, cases)
     _assert_editor_agrees(after, after_details, cases, editor)  # scored on the edited model
     # the edit moved the edited prompt towards its new target
     assert after_details[0]["logprob"]["prompt"][0] > before_details[0]["logprob"]["prompt"][0]
 
 
-def test_zsre_metrics_on_the_in_process_backend(backend: LocalBackend, editor: Editor, zsre: EditCase):
+def test_zsre_metrics_on_the_in_process_backend(target: EngineTarget, editor: Editor, zsre: EditCase):
     # the model's own greedy answer is right token by token; one more word makes it partly right
-    greedy = backend.generate([zsre.prompt], 3)[0].strip()
+    greedy = target.generate([zsre.prompt], 3)[0].strip()
     cases = [zsre, replace(zsre, target_new=greedy), replace(zsre, target_new=greedy + " zebra")]
-    summary, details = metrics.zsre_metrics(backend, cases)
+    summary, details = metrics.zsre_metrics(target, cases)
     for case, detail in zip(cases, details, strict=True):
         new, true = editor.score(case.prompt, [case.target_new, case.target_true])
         (rephrased_new,) = editor.score(case.rephrase_prompts[0], [case.target_new])
@@ -202,11 +202,11 @@ def test_zsre_metrics_on_the_in_process_backend(backend: LocalBackend, editor: E
         assert summary[key] == pytest.approx(100 * fmean(float(d[key]) for d in details))
 
 
-def test_token_accuracy_equals_one_prompt_per_token(backend: LocalBackend, editor: Editor):
+def test_token_accuracy_equals_one_prompt_per_token(target: EngineTarget, editor: Editor):
     """One teacher-forced row per query must judge each token as the paper's one-prompt-per-token
     loop does: the greedy answer is all right, extra words partly wrong."""
     cases = load_cases("zsre", shared_data("zsre"), n=4).cases
-    greedy = backend.generate([c.prompt for c in cases], 4)
+    greedy = target.generate([c.prompt for c in cases], 4)
     queries = [Query(c.prompt, g.strip() + tail) for c, g in zip(cases, greedy) for tail in ("", " zebra crossing")]
     queries += [Query(c.locality_prompt, c.locality_answer) for c in cases]
     per_token = []
@@ -216,30 +216,30 @@ def test_token_accuracy_equals_one_prompt_per_token(backend: LocalBackend, edito
         rows = [Row(0, prompt_ids + full.targets[:k], len(prompt_ids) + k - 1, (t,)) for k, t in enumerate(full.targets)]
         scores = score_rows(editor.adapter, None, rows, editor.tokenizer.pad_token_id)
         per_token.append(sum(s.top1_correct for s in scores) / len(scores))
-    assert backend.token_accuracy(queries) == per_token
+    assert target.token_accuracy(queries) == per_token
     assert per_token[0] == 1.0 and 0.0 < per_token[1] < 1.0
 
 
-def test_control_is_retained_only_where_the_continuation_is_unchanged(backend: LocalBackend, editor: Editor):
+def test_control_is_retained_only_where_the_continuation_is_unchanged(target: EngineTarget, editor: Editor):
     facts = load_knowns(shared_data("knowns"), count=1)
-    references = metrics.control_references(backend, facts, 8)
-    summary, details = metrics.control_metrics(backend, facts, references, 8)
+    references = metrics.control_references(target, facts, 8)
+    summary, details = metrics.control_metrics(target, facts, references, 8)
     assert summary["control_retained"] == 100.0 and details[0]["reference"] == details[0]["now"]  # greedy: stable
     (attribute,) = editor.score(facts[0].prompt, [facts[0].attribute])
     assert details[0]["attribute_top1"] is attribute.top1_correct
     assert summary["control_top1"] == 100.0 * attribute.top1_correct
-    summary, _ = metrics.control_metrics(backend, facts, ["something else"], 8)
+    summary, _ = metrics.control_metrics(target, facts, ["something else"], 8)
     assert summary["control_retained"] == 0.0
-    assert metrics.control_metrics(backend, [], [], 8)[0] == {"control_retained": None, "control_top1": None}
+    assert metrics.control_metrics(target, [], [], 8)[0] == {"control_retained": None, "control_top1": None}
 
 
-def test_fluency_and_perplexity_of_the_in_process_backend(backend: LocalBackend, editor: Editor, cf: EditCase,
+def test_fluency_and_perplexity_of_the_in_process_backend(target: EngineTarget, editor: Editor, cf: EditCase,
                                                           zsre: EditCase):
-    value, texts = metrics.fluency_metric(backend, [cf, zsre], 12)
+    value, texts = metrics.fluency_metric(target, [cf, zsre], 12)
     assert [t[: len(c.prompt)] for t, c in zip(texts, [cf, zsre])] == [cf.prompt, zsre.prompt]
     assert all(len(t) > len(c.prompt) for t, c in zip(texts, [cf, zsre]))
     assert value == pytest.approx(metrics.fluency(texts)) and value > 0
     heldout = load_heldout(small_text(), chunks=2)
     direct = [editor.score(q.prompt, [q.continuation])[0] for q in metrics.heldout_queries(heldout)]
     expected = math.exp(-sum(s.total_logprob for s in direct) / sum(s.tokens for s in direct))
-    assert metrics.perplexity_metric(backend, heldout) == pytest.approx(expected, rel=1e-4) and expected > 1
+    assert metrics.perplexity_metric(target, heldout) == pytest.approx(expected, rel=1e-4) and expected > 1

@@ -1,4 +1,4 @@
-"""The sequential protocol on the evaluation's real in-process backend (a tiny random Llama):
+"""The sequential protocol on the evaluation's real in-process target (a tiny random Llama):
 order, checkpoints, a batch the engine refuses, and the reports written from the results."""
 from __future__ import annotations
 
@@ -7,12 +7,12 @@ import json
 from service.engine.editor import Editor
 from evaluation import metrics
 from evaluation.data import load_cases, load_heldout, load_knowns
-from evaluation.local import LocalBackend
+from evaluation.targets.engine import EngineTarget
 from evaluation.report import load_run, metrics_table, write_comparison, write_run
 from evaluation.runner import EvalInputs, ProtocolSettings, run_protocol
 from tests.conftest import shared_data
 
-from .conftest import MakeBackend
+from .conftest import MakeTarget
 
 RATES = ["efficacy", "generalisation", "specificity", "efficacy_top1", "generalisation_top1", "specificity_top1",
          "control_retained", "control_top1"]
@@ -27,11 +27,11 @@ def _settings(batch_size: int, checkpoint_every: int | None = None) -> ProtocolS
     return ProtocolSettings("counterfact", batch_size, checkpoint_every, fluency_tokens=20)
 
 
-def test_protocol_scores_baseline_then_edits_in_order_with_checkpoints(backend: LocalBackend, editor: Editor):
+def test_protocol_scores_baseline_then_edits_in_order_with_checkpoints(target: EngineTarget, editor: Editor):
     inputs = _inputs(10)
-    unedited, _ = metrics.counterfact_metrics(backend, inputs.cases)
+    unedited, _ = metrics.counterfact_metrics(target, inputs.cases)
     digest = editor.weights_digest()
-    results = run_protocol(backend, inputs, _settings(batch_size=3, checkpoint_every=4), progress=False)
+    results = run_protocol(target, inputs, _settings(batch_size=3, checkpoint_every=4), progress=False)
 
     # every batch applied, in order, each as the next model version
     sizes = [3, 3, 3, 1]
@@ -58,7 +58,7 @@ def test_protocol_scores_baseline_then_edits_in_order_with_checkpoints(backend: 
 
     # the baseline is the unedited model's scores, the final ones the edited model's
     assert {k: results["baseline"][k] for k in unedited} == unedited
-    edited, edited_cases = metrics.counterfact_metrics(backend, inputs.cases)
+    edited, edited_cases = metrics.counterfact_metrics(target, inputs.cases)
     assert {k: results["final"][k] for k in edited} == edited
     assert results["case_results"]["final"]["cases"] == edited_cases
     assert results["baseline"]["control_retained"] == 100.0  # the references are the unedited model's own
@@ -71,31 +71,31 @@ def test_protocol_scores_baseline_then_edits_in_order_with_checkpoints(backend: 
                                        "protocol_s"}
 
 
-def test_a_batch_the_engine_refuses_is_recorded_and_the_run_goes_on(make_backend: MakeBackend):
+def test_a_batch_the_engine_refuses_is_recorded_and_the_run_goes_on(make_target: MakeTarget):
     # The engine refuses an update larger than max_update_ratio x ||W0|| of a layer (EditFailed; the model is
     # unchanged). On this model one edit changes a layer by at most ~0.06 of its norm and 16 edits together by
     # ~0.2: at 0.11 the first batch (16 cases) is refused and the second (1 case) goes through.
-    backend = make_backend(max_update_ratio=0.11)
-    results = run_protocol(backend, _inputs(17), _settings(batch_size=16), progress=False)
+    target = make_target(max_update_ratio=0.11)
+    results = run_protocol(target, _inputs(17), _settings(batch_size=16), progress=False)
     refused, applied = results["batches"]
     assert not refused["applied"] and "exceeds 0.11 x the weight norm" in refused["error"]
     assert refused["model_version"] == 0 and refused["steps"] == [] and refused["steps_mean"] is None
     assert applied["applied"] and applied["error"] is None and applied["model_version"] == 1
-    assert backend.editor.store.edit_ids == ["eval-00001-0"]  # nothing of the refused batch is in the model
+    assert target.editor.store.edit_ids == ["eval-00001-0"]  # nothing of the refused batch is in the model
     assert results["edits_applied"] == 1 and results["edits_failed"] == 16
     assert [(c["edits"], c["applied"]) for c in results["checkpoints"]] == [(0, 0), (17, 1)]
     # the refused batch's cases are still scored on the final model
     assert results["final"]["cases"] == len(results["case_results"]["final"]["cases"]) == 17
 
 
-def test_reports_of_one_run_and_a_comparison(tmp_path, backend: LocalBackend, make_backend: MakeBackend):
+def test_reports_of_one_run_and_a_comparison(tmp_path, target: EngineTarget, make_target: MakeTarget):
     runs, baselines = [], []
     # AlphaEdit on the shared editor; MEMIT on a fresh copy of the same model (MEMIT's C0 needs at least as
     # many statistics tokens as the layer's input width to be invertible)
-    for run_backend in (backend, make_backend(method="memit", stats_tokens=256)):
-        described = run_backend.describe()
+    for run_target in (target, make_target(method="memit", stats_tokens=256)):
+        described = run_target.describe()
         method = described["method"]
-        results = run_protocol(run_backend, _inputs(4), _settings(batch_size=2, checkpoint_every=2), progress=False)
+        results = run_protocol(run_target, _inputs(4), _settings(batch_size=2, checkpoint_every=2), progress=False)
         results["config"] = {"dataset": "counterfact", "method": method, "model": described["model"], "n": 4,
                              "batch_size": 2, "device": described["device"]}
         results["timings"]["total_s"] = 1.0

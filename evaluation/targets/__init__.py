@@ -1,4 +1,9 @@
-"""What the evaluation needs from a model that is being edited, in-process or over HTTP."""
+"""What the evaluation needs from a model that is being edited: the `Target` protocol.
+
+Two implement it, each in its own module so neither one's dependencies load for the other:
+`engine.EngineTarget` (an in-process editor; torch) and `service.ServiceTarget` (a running
+service over its public HTTP API; httpx).
+"""
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -20,7 +25,7 @@ class Query:
 class QueryScore:
     total_logprob: float
     tokens: int
-    top1: bool | None  # every continuation token is the argmax; None where the backend cannot tell
+    top1: bool | None  # every continuation token is the argmax; None where the target cannot tell
 
     @property
     def mean_logprob(self) -> float:
@@ -40,8 +45,8 @@ class BatchOutcome:
     target_nll: list[float] = field(default_factory=list)
 
 
-class Backend(Protocol):
-    kind: str  # "local" | "http"
+class Target(Protocol):
+    kind: str  # "local" (EngineTarget) | "http" (ServiceTarget); results.json records it as "backend"
 
     def apply(self, requests: Sequence[EditRequest], batch_id: str) -> BatchOutcome: ...
 

@@ -1,4 +1,4 @@
-"""The HTTP backend: drives a running knowpatch service through its public API only.
+"""The service target: drives a running knowpatch service through its public HTTP API only.
 
 POST /edits (list form) per batch, poll GET /edits/{id} until every edit is applied or failed,
 then read with POST /score and POST /generate at `min_model_version` = the version the batch
@@ -17,7 +17,7 @@ import httpx
 
 from service.engine.types import EditRequest
 from service.errors import KnowpatchError, Unavailable, error_from_reply
-from evaluation.backend import BatchOutcome, Query, QueryScore
+from evaluation.targets import BatchOutcome, Query, QueryScore
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ def _edit_ids(payload: Any) -> list[str]:
     return [str(item["id"]) for item in items]
 
 
-class HttpBackend:
+class ServiceTarget:
     kind = "http"
 
     def __init__(self, url: str, api_key: str | None = None, *, method: str | None = None, timeout_s: float = 120.0,

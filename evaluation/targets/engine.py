@@ -1,4 +1,4 @@
-"""The in-process backend: an Editor on a loaded model, scored with the engine's batched scorer."""
+"""The in-process target: an Editor on a loaded model, scored with the engine's batched scorer."""
 from __future__ import annotations
 
 import logging
@@ -16,7 +16,7 @@ from service.engine.prompts import Row
 from service.engine.scoring import Score, continuation_row, score_rows
 from service.engine.types import EditRequest, HyperParams, Method, load_hparams
 from service.errors import EditFailed, InvalidRequest
-from evaluation.backend import BatchOutcome, Query, QueryScore
+from evaluation.targets import BatchOutcome, Query, QueryScore
 from evaluation.data import HeldOutText
 from service.model.loading import LoadedModel, load_model
 
@@ -96,7 +96,7 @@ def _chunks(rows: Sequence[Row], max_tokens: int, max_targets: int) -> Iterator[
         yield chunk
 
 
-class LocalBackend:
+class EngineTarget:
     """Edits and measures one in-process model. Scoring reads under the editor's read lock."""
 
     kind = "local"
