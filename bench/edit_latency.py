@@ -59,7 +59,7 @@ def per_edit(editor: Editor, requests: list[EditRequest], batch: int, tag: str) 
         chunk = requests[i : i + batch]
         started = time.perf_counter()
         update = editor.compute(chunk, [f"{tag}-{i}-{j}" for j in range(len(chunk))], f"{tag}-{i}")
-        editor.commit(update, editor.version + 1)
+        editor.install(editor.plan_commit(update), editor.version + 1)
         seconds.append((time.perf_counter() - started) / len(chunk))
         timings.append(update.timings | {"steps": update.steps})
     return seconds, timings
@@ -79,7 +79,7 @@ def interleaved(editor: Editor, requests: list[EditRequest], hparams) -> tuple[l
         editor.hparams = ours
         started = time.perf_counter()
         update = editor.compute([request], [f"b1-{i}"], f"b1-{i}")
-        editor.commit(update, editor.version + 1)
+        editor.install(editor.plan_commit(update), editor.version + 1)
         seconds.append(time.perf_counter() - started)
         timings.append(update.timings | {"steps": update.steps})
     return seconds, timings, paper_seconds, paper_timings

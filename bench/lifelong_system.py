@@ -116,7 +116,7 @@ def rollback_first(editor: Editor, url: str, active: list[repo.ActiveEdit], sett
         engine.dispose()
     factors = edit_factors(first.edit_id, first.batch_id, stored, editor.layers)
     t = time.perf_counter()
-    editor.revert(first.edit_id, editor.version + 1, factors)
+    editor.install(editor.plan_revert(first.edit_id, factors), editor.version + 1)
     revert_s = time.perf_counter() - t
     fresh = build_editor(settings, progress=False, keep_factors=False)
     try:

@@ -117,7 +117,7 @@ class EngineTarget:
         try:
             update = self.editor.compute(requests, edit_ids, batch_id)
             start = time.perf_counter()
-            self.editor.commit(update, self.version + 1)
+            self.editor.install(self.editor.plan_commit(update), self.version + 1)
         except EditFailed as exc:
             log.warning("batch %s failed, its %d edits are not applied: %s", batch_id, len(requests), exc.message)
             return BatchOutcome(len(requests), applied=False, error=exc.message, model_version=self.version)

@@ -26,7 +26,7 @@ def target(editor: Editor) -> Iterator[EngineTarget]:  # noqa: F811
     digest, version = editor.weights_digest(), editor.version
     yield EngineTarget(editor)
     for edit_id in reversed(editor.store.edit_ids):
-        editor.revert(edit_id, version)
+        editor.install(editor.plan_revert(edit_id), version)
     assert editor.weights_digest() == digest, "reverting the test's edits did not restore the weights"
 
 
