@@ -7,12 +7,13 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.staticfiles import StaticFiles
 from sqlalchemy.orm import Session, sessionmaker
 
 from api.auth import load_api_keys
 from api.errors import install_error_handler
 from api.metrics import ApiMetrics
-from api.routes import edits, generate, health, openai
+from api.routes import docs, edits, generate, health, openai, ui
 from service.config import Settings
 from service.inference import InferenceBackend
 from service.queue import OperationQueue
@@ -44,7 +45,7 @@ def create_app(settings: Settings, *, session_factory: sessionmaker[Session], qu
     Raises InvalidRequest when settings.api_keys is malformed, so a bad key file stops start-up.
     """
     app = FastAPI(title="knowpatch", version=VERSION, description=DESCRIPTION,
-                  lifespan=_lifespan(list(lifespan_hooks or ())))
+                  lifespan=_lifespan(list(lifespan_hooks or ())), docs_url=None, redoc_url=None)  # served offline: api.routes.docs
     app.state.settings = settings
     app.state.ledger = session_factory
     app.state.queue = queue
@@ -52,6 +53,8 @@ def create_app(settings: Settings, *, session_factory: sessionmaker[Session], qu
     app.state.api_keys = load_api_keys(settings.api_keys)
     app.state.metrics = ApiMetrics(session_factory, queue)
     install_error_handler(app)
-    for router in (health.router, edits.router, generate.router, openai.router):
+    for router in (health.router, edits.router, generate.router, openai.router, ui.router, docs.router):
         app.include_router(router)
+    app.mount(ui.ASSETS_URL, StaticFiles(directory=ui.STATIC_DIR), name="ui-assets")
+    app.mount(docs.ASSETS_URL, StaticFiles(directory=docs.ASSETS_DIR), name="docs-assets")
     return app
