@@ -57,6 +57,12 @@ class Unavailable(KnowpatchError):
     status = 503
 
 
+class Overloaded(Unavailable):
+    """A bounded queue is full (too many requests wait already); retry after Retry-After seconds."""
+
+    status = 429
+
+
 class UnsupportedArchitecture(KnowpatchError):
     """The model's architecture has no adapter."""
 
