@@ -1,33 +1,35 @@
-"""The in-process inference backend: generation and scoring on the editor's resident model."""
+"""The in-process inference backend: generation and scoring on the editor's resident model, every
+request decoded by the continuous-batching loop (workers/batching.py)."""
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from contextlib import aclosing
 
 from service.engine.editor import Editor
+from service.engine.prompts import Row
 from service.engine.scoring import continuation_row
-from service.errors import InvalidRequest, Unavailable
-from service.inference import (
-    BackendInfo, CandidateScore, GenerateParams, GenerateResult, ScoreResult, StreamEvent,
-)
-from workers.generation import generate_steps, position_limit
-
-_DONE = object()
+from service.errors import InvalidRequest, KnowpatchError, Unavailable
+from service.inference import BackendInfo, GenerateParams, GenerateResult, ScoreResult, StreamEvent
+from workers.batching import AsyncSink, Batcher, BatchLimits, GenerationJob, Job, ScoreJob
+from workers.generation import position_limit, prompt_ids
 
 
 class LocalBackend:
     """Implements service.inference.InferenceBackend on an Editor held by this process.
 
     `not_ready`: why the backend cannot serve edited answers now (the worker's Worker.not_ready:
-    replaying, its loop stopped, stuck or retrying after an error), None when it can."""
+    replaying, its loop stopped, stuck or retrying after an error), None when it can.
+    `limits`: the decoder's bounds; default: read from the environment (BatchLimits)."""
 
     def __init__(self, editor: Editor, *, version_wait_s: float = 30.0,
-                 not_ready: Callable[[], str | None] = lambda: None) -> None:
+                 not_ready: Callable[[], str | None] = lambda: None, limits: BatchLimits | None = None) -> None:
         self.editor = editor
         self.version_wait_s = version_wait_s
         self.not_ready = not_ready
+        self.limits = limits or BatchLimits()
+        self.batcher = Batcher(editor, self.limits)
 
     async def _wait_for(self, version: int | None) -> None:
         if version is None or self.editor.version >= version:
@@ -41,54 +43,46 @@ class LocalBackend:
                 )
             await asyncio.sleep(0.05)
 
-    def _run(self, params: GenerateParams) -> GenerateResult:
-        with self.editor.reading() as version:
-            text, reason, count = "", "length", 0
-            for step in generate_steps(self.editor.model, self.editor.tokenizer, params):
-                text, reason, count = text + step.text, step.finish_reason or reason, step.tokens
-            prompt_tokens = len(self.editor.tokenizer(params.inputs)["input_ids"])
-        return GenerateResult(text, reason, count, prompt_tokens, version)
-
-    async def generate(self, params: GenerateParams) -> GenerateResult:
+    async def _submit(self, params: GenerateParams, streaming: bool) -> GenerationJob:
         await self._wait_for(params.min_model_version)
-        return await asyncio.to_thread(self._run, params)
+        ids = prompt_ids(self.editor.model, self.editor.tokenizer, params)
+        job = GenerationJob(AsyncSink(), params, ids, self.editor.tokenizer, streaming)
+        self.batcher.submit(job)
+        return job
 
-    async def generate_stream(self, params: GenerateParams) -> AsyncIterator[StreamEvent]:
-        await self._wait_for(params.min_model_version)
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
-        cancelled = threading.Event()
-
-        def produce() -> None:
-            try:
-                with self.editor.reading() as version:
-                    text, reason, count = "", "length", 0
-                    for step in generate_steps(self.editor.model, self.editor.tokenizer, params):
-                        if cancelled.is_set():
-                            return
-                        text, reason, count = text + step.text, step.finish_reason or reason, step.tokens
-                        loop.call_soon_threadsafe(queue.put_nowait, StreamEvent(step.text))
-                    prompt_tokens = len(self.editor.tokenizer(params.inputs)["input_ids"])
-                result = GenerateResult(text, reason, count, prompt_tokens, version)
-                loop.call_soon_threadsafe(queue.put_nowait, StreamEvent("", result))
-            except Exception as exc:  # handed to the consumer, which re-raises it
-                loop.call_soon_threadsafe(queue.put_nowait, exc)
-            finally:
-                loop.call_soon_threadsafe(queue.put_nowait, _DONE)
-
-        worker = loop.run_in_executor(None, produce)
+    async def _events(self, job: Job) -> AsyncGenerator[StreamEvent | ScoreResult, None]:
+        """The job's events until its last; leaving early (the client went away) cancels it."""
         try:
-            while (item := await queue.get()) is not _DONE:
-                if isinstance(item, Exception):
+            while True:
+                item = await job.sink.get()
+                if isinstance(item, KnowpatchError):
                     raise item
                 yield item
+                if not isinstance(item, StreamEvent) or item.result is not None:
+                    return
         finally:
-            cancelled.set()
-            await worker
+            self.batcher.cancel(job)
 
-    def _check_score_rows(self, prompt: str, candidates: list[str]) -> None:
-        """InvalidRequest for a candidate that tokenises to nothing or a row past the model's positions."""
+    async def generate(self, params: GenerateParams) -> GenerateResult:
+        job = await self._submit(params, streaming=False)
+        async with aclosing(self._events(job)) as events:
+            async for event in events:
+                if isinstance(event, StreamEvent) and event.result is not None:
+                    return event.result
+        raise Unavailable("the decoder ended the generation without a result")
+
+    async def generate_stream(self, params: GenerateParams) -> AsyncIterator[StreamEvent]:
+        job = await self._submit(params, streaming=True)
+        async with aclosing(self._events(job)) as events:
+            async for event in events:
+                if isinstance(event, StreamEvent):
+                    yield event
+
+    def _score_rows(self, prompt: str, candidates: list[str]) -> list[Row]:
+        """The teacher-forced rows; InvalidRequest for a candidate that tokenises to nothing or a row
+        past the model's positions."""
         limit = position_limit(self.editor.model)
+        rows = []
         for candidate in candidates:
             try:
                 row = continuation_row(self.editor.tokenizer, prompt, candidate)
@@ -97,21 +91,21 @@ class LocalBackend:
             if limit and len(row.ids) > limit:
                 raise InvalidRequest(f"prompt + candidate {candidate[:50]!r} ({len(row.ids)} tokens) exceeds the "
                                      f"model's {limit} positions")
-
-    def _score(self, prompt: str, candidates: list[str]) -> ScoreResult:
-        self._check_score_rows(prompt, candidates)
-        with self.editor.reading() as version:
-            scores = self.editor.score(prompt, candidates)
-        return ScoreResult(
-            [CandidateScore(c, s.total_logprob, s.mean_logprob, s.tokens) for c, s in zip(candidates, scores)],
-            version,
-        )
+            rows.append(row)
+        return rows
 
     async def score(self, prompt: str, candidates: list[str], min_model_version: int | None = None) -> ScoreResult:
         if not prompt or not candidates:
             raise InvalidRequest("score needs a prompt and at least one candidate")
+        rows = self._score_rows(prompt, candidates)
         await self._wait_for(min_model_version)
-        return await asyncio.to_thread(self._score, prompt, candidates)
+        job = ScoreJob(AsyncSink(), candidates, rows)
+        self.batcher.submit(job)
+        async with aclosing(self._events(job)) as events:
+            async for event in events:
+                if isinstance(event, ScoreResult):
+                    return event
+        raise Unavailable("the decoder ended the scoring without a result")
 
     async def chat_prompt(self, messages: list[dict[str, str]]) -> str:
         tokenizer = self.editor.tokenizer
@@ -127,6 +121,9 @@ class LocalBackend:
                 "dtype": str(self.editor.adapter.head.weight.dtype).removeprefix("torch."),
                 "weights_digest": self.editor.served_digest(),  # sha256 of the edited weights as served
             }
+        details["decoder"] = self.batcher.stats()
+        # How long weight swaps waited for the sequences of the old version (bounded by bound_s).
+        details["swap_wait"] = self.editor.swap_gate.summary() | {"bound_s": self.limits.swap_wait_s}
         reason = self.not_ready()
         if reason is not None:
             details["not_ready"] = reason  # /ready reports it (over HTTP too: details travel whole)
@@ -134,3 +131,7 @@ class LocalBackend:
 
     async def info(self) -> BackendInfo:
         return await asyncio.to_thread(self._info)
+
+    def close(self) -> None:
+        """Stop the decoding loop; requests still waiting get Unavailable."""
+        self.batcher.close()

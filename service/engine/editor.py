@@ -35,6 +35,7 @@ from service.engine.validation import validate_request
 from service.errors import Conflict, EditFailed
 from service.model.adapters import ModelAdapter, default_layers
 from service.model.loading import LoadedModel
+from service.swap_gate import SwapGate
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +92,7 @@ class Editor:
             self.model, self.tokenizer, hparams.context_seed, hparams.context_template_len
         )
         self.lock = ReadWriteLock()
+        self.swap_gate = SwapGate()  # announces waiting swaps to the decoder, records their waits
         self.version = 0
         self._served_digest: str | None = None  # of the installed weights; None until first asked
 
@@ -203,8 +205,13 @@ class Editor:
         return self._plan(remove=[edit])
 
     def install(self, swap: WeightSwap, version: int) -> None:
-        """Swap the planned weights in together, under the write lock, and update the store."""
-        with self.lock.write():
+        """Swap the planned weights in together, under the write lock, and update the store.
+
+        The swap is announced on `swap_gate` first: the batched decoder then admits no new sequence,
+        lets those of the old version finish (bounded by its KNOWPATCH_SWAP_WAIT_S) and releases its
+        read lock, so no sequence is decoded on two versions. The wait is recorded on the gate."""
+        with self.swap_gate.waiting() as wait, self.lock.write():
+            wait.granted()
             for layer, weight in swap.weights.items():
                 self.adapter.assign(layer, weight)
             self.version = version
