@@ -152,7 +152,8 @@
     const shown = listing.items.filter((edit) => !needle || matches(edit, needle));
     $("edits").tBodies[0].replaceChildren(...shown.map(editRow));
     const hidden = listing.items.length - shown.length;
-    $("page-label").textContent = `page ${listing.page + 1} · ${listing.items.length} edits` +
+    const count = listing.items.length;
+    $("page-label").textContent = `page ${listing.page + 1} · ${count} edit${count === 1 ? "" : "s"}` +
       (hidden ? ` (${hidden} hidden by the search)` : "");
     $("first-page").disabled = $("prev-page").disabled = listing.page === 0;
     $("next-page").disabled = !listing.next;
@@ -202,6 +203,17 @@
 
   const keyValueTable = (value, id) => table(["name", "value"],
     flatten(value, "").map(([name, text]) => el("tr", null, el("th", null, name), el("td", { class: "mono" }, text))), { id });
+  const isObject = (value) => value !== null && typeof value === "object" && !Array.isArray(value);
+
+  /** {gate: {passed, value, ...}} as one row per gate (a failed one marked); any other shape as name/value rows. */
+  function gatesTable(gates, id) {
+    const rows = isObject(gates) ? Object.entries(gates) : [];
+    if (!rows.length || !rows.every(([, gate]) => isObject(gate))) return keyValueTable(gates, id);
+    const columns = [...new Set(rows.flatMap(([, gate]) => Object.keys(gate)))];
+    const cell = (value) => (value === undefined ? "–" : typeof value === "string" ? value : JSON.stringify(value));
+    return table(["gate", ...columns], rows.map(([name, gate]) => el("tr", { class: gate.passed === false ? "failed" : null },
+      el("th", null, name), columns.map((column) => el("td", { class: "mono" }, cell(gate[column]))))), { id });
+  }
 
   function gatesSection(record) {
     // Quality gates are recorded in the metrics when the server has them; nothing is shown otherwise.
@@ -209,7 +221,7 @@
       .filter(([, metrics]) => metrics && metrics.gates !== undefined);
     if (!found.length) return null;
     return el("section", { id: "gates" }, el("h3", null, "Quality gates"),
-      found.map(([when_, metrics]) => [el("h4", null, when_), keyValueTable(metrics.gates, `gates-${when_}`)]));
+      found.map(([when_, metrics]) => [el("h4", null, when_), gatesTable(metrics.gates, `gates-${when_}`)]));
   }
 
   const facts = (pairs) => el("dl", { class: "facts" }, pairs.map(([name, value]) => [el("dt", null, name), el("dd", null, value)]));
