@@ -56,11 +56,12 @@ def chromium_binary() -> str:
 def browser() -> Iterator[Any]:
     """One headless Chromium for the session, driven by playwright."""
     try:
-        from playwright.sync_api import sync_playwright
+        from playwright.sync_api import expect, sync_playwright
     except ImportError:
         pytest.skip("the UI tests need the playwright package: `pip install -e '.[test]'` "
                     f"(its browser download is not needed), and Chromium: {INSTALL_HINT}")
     executable = chromium_binary()
+    expect.set_options(timeout=WAIT_S * 1000)  # assertions wait as long as actions (5 s by default)
     with sync_playwright() as driver:
         launched = driver.chromium.launch(executable_path=executable, headless=True)
         yield launched
@@ -220,12 +221,13 @@ def stack(editor: Editor, tmp_path: Path) -> Iterator[Stack]:
     worker = Worker(editor, session_factory(engine), queue, batch_size=4)
     worker.start()
     runner = ApiRunner(url)
-    api = runner.start(queue=queue, backend=LocalBackend(editor, version_wait_s=WAIT_S, not_ready=worker.not_ready))
-    built = Stack(api, worker)
+    backend = LocalBackend(editor, version_wait_s=WAIT_S, not_ready=worker.not_ready)
+    built = Stack(runner.start(queue=queue, backend=backend), worker)
     built.run_worker()
     yield built
     built.stop_worker()
     runner.close()
+    backend.close()  # its decoding thread
     engine.dispose()
 
 

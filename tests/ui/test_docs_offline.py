@@ -16,7 +16,7 @@ def test_swagger_ui_renders_from_local_assets(api_runner: ApiRunner, open_page) 
     page = open_page(f"{api.url}/docs")
     expect(page.locator(".swagger-ui .info .title")).to_contain_text("knowpatch")
     expect(page.locator(".opblock-summary-path[data-path='/edits/{edit_id}/rollback']")).to_be_visible()
-    screenshot(page, "swagger-ui")
+    screenshot(page, "swagger-ui", full_page=False)
     loaded = page.evaluate("performance.getEntriesByType('resource').map((entry) => entry.name)")
     assert f"{api.url}/docs/assets/swagger-ui-bundle.js" in loaded and f"{api.url}/docs/assets/swagger-ui.css" in loaded
     assert f"{api.url}/openapi.json" in loaded
