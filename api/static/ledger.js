@@ -313,7 +313,7 @@
       if (id !== audit.id) return; // another edit was opened meanwhile
       const moved = audit.record && audit.record.status !== record.status;
       renderAudit(record);
-      if (moved) reloadList();
+      if (moved) loadPage(listing.page); // the list shows the new status, on the same page
       if (!quiet) say($("audit-message"), "");
       if (audit.rollbackPending && record.status !== "applied") audit.rollbackPending = false;
       if (stillMoving(record) && audit.polls++ < POLL_LIMIT) {
@@ -336,7 +336,7 @@
         "the edit stays applied until the worker reverts it", "ok");
       Object.assign(audit, { rollbackPending: true, polls: 0 });
       await loadAudit(id, { quiet: true });
-      reloadList();
+      loadPage(listing.page);
     } catch (err) {
       say($("audit-message"), err.message, "error");
     }
@@ -348,7 +348,7 @@
     try {
       renderAudit(await api("DELETE", `edits/${encodeURIComponent(id)}`));
       say($("audit-message"), "cancelled", "ok");
-      reloadList();
+      loadPage(listing.page);
     } catch (err) {
       say($("audit-message"), err.message, "error");
     }
