@@ -3,6 +3,10 @@
     knowpatch eval counterfact --n 500 --batch-size 50 --method alphaedit --device cuda --out runs/cf-alphaedit
     knowpatch eval zsre --n 500 --batch-size 50 --url http://localhost:8000 --api-key $KEY
     knowpatch eval-compare runs/cf-alphaedit runs/cf-memit --out runs/cf-compare
+
+In-process, the editor is the one the service builds (service.bootstrap.build_editor) from the
+same KNOWPATCH_* settings: `KNOWPATCH_PROFILE=paper knowpatch eval ...` evaluates the paper profile,
+and each editing flag given overrides its setting.
 """
 from __future__ import annotations
 
@@ -17,14 +21,23 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from service.errors import KnowpatchError
-from evaluation.targets import Target
+from pydantic import ValidationError
+
 from evaluation.data import DEFAULT_PATHS, load_cases, load_heldout, load_knowns
 from evaluation.report import metrics_table, write_comparison, write_partial, write_run
 from evaluation.runner import EvalInputs, ProtocolSettings, run_protocol
+from evaluation.targets import Target
+from service.config import Settings
+from service.errors import InvalidRequest, KnowpatchError
 
 log = logging.getLogger(__name__)
-DEFAULT_CACHE = Path.home() / ".cache" / "knowpatch"
+OFF = "off"
+# Editing flags, by their argparse dest: those that are settings (Settings fields), and hyper-parameters
+# without a setting of their own (HyperParams fields, passed as Settings.hparam_overrides).
+SETTINGS_FLAGS = ("model", "device", "dtype", "method", "profile", "corpus", "cache_dir", "seed", "layers",
+                  "stats_tokens", "nullspace_threshold", "nullspace_energy", "stop_margin", "norm_penalty")
+HPARAM_FLAGS = ("v_lr", "v_num_grad_steps", "v_stop_nll", "L2", "mom2_update_weight", "clamp_norm_factor",
+                "kl_factor")
 
 
 def parse_layers(text: str) -> list[int]:
@@ -40,7 +53,10 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register `eval` and `eval-compare` on the knowpatch command's subparsers."""
     p = subparsers.add_parser("eval", help="evaluate sequential editing on CounterFact or zsRE",
                               description="The AlphaEdit paper's protocol: n cases edited in batches, in order, "
-                                          "never undone; the unedited and the final model scored on all n cases.")
+                                          "never undone; the unedited and the final model scored on all n cases. "
+                                          "In-process, the editor is built as the service builds it, from the "
+                                          "KNOWPATCH_* settings (environment or .env); the editing flags given "
+                                          "override them.")
     p.add_argument("dataset", choices=["counterfact", "zsre"])
     data = p.add_argument_group("data")
     data.add_argument("--data", type=Path, help="dataset file (default: ../shared/data/<dataset>/...)")
@@ -66,30 +82,39 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
                           help="fluency at every checkpoint on this many sampled cases (default: all, ends only)")
     protocol.add_argument("--out", type=Path, help="run folder (default eval-results/<dataset>-<method>-n<n>-<time>)")
     protocol.add_argument("--quiet", action="store_true", help="no progress bars")
-    editing = p.add_argument_group("editing (in-process)")
-    editing.add_argument("--method", choices=["alphaedit", "memit"], default="alphaedit")
-    editing.add_argument("--model", default="smollm2", help="'smollm2' (embedded), a local path or a cached HF id")
-    editing.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda if available)")
-    editing.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
-    editing.add_argument("--corpus", default="self", help="preserved-knowledge text: 'self' or a file / folder")
-    editing.add_argument("--stats-tokens", type=int, help="token budget of the key statistics")
-    editing.add_argument("--nullspace-threshold", type=float)
-    editing.add_argument("--nullspace-energy", type=float)
-    editing.add_argument("--layers", type=parse_layers, help="edited layers, e.g. 4,5,6,7,8 or 4-8")
-    editing.add_argument("--profile", choices=["default", "paper"], default="default",
-                         help="hyper-parameter profile of the model's file: the project's lifelong set or the paper's")
-    editing.add_argument("--v-lr", type=float)
-    editing.add_argument("--v-steps", type=int, help="compute_z steps (v_num_grad_steps)")
+    editing = p.add_argument_group(
+        "editing (in-process)", "The service's settings, KNOWPATCH_* in the environment or .env, with these flags on "
+                                "top: a flag given overrides the setting named in its help, one left out keeps it. "
+                                "From --v-lr on, each flag overrides its hyper-parameter's entry of "
+                                "KNOWPATCH_HPARAM_OVERRIDES (JSON, e.g. '{\"v_lr\": 0.3}').")
+    editing.add_argument("--method", choices=["alphaedit", "memit"], help="KNOWPATCH_METHOD (alphaedit)")
+    editing.add_argument("--model", help="'smollm2' (embedded), a local path or a cached HF id; KNOWPATCH_MODEL")
+    editing.add_argument("--device", help="cpu, cuda, cuda:1, ... or auto: cuda if available; KNOWPATCH_DEVICE (auto)")
+    editing.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="KNOWPATCH_DTYPE (float32)")
+    editing.add_argument("--corpus", help="preserved-knowledge text: 'self' or a file / folder; KNOWPATCH_CORPUS")
+    editing.add_argument("--stats-tokens", type=int, help="token budget of the key statistics; KNOWPATCH_STATS_TOKENS")
+    editing.add_argument("--nullspace-threshold", type=float, help="KNOWPATCH_NULLSPACE_THRESHOLD")
+    editing.add_argument("--nullspace-energy", type=float, help="KNOWPATCH_NULLSPACE_ENERGY")
+    editing.add_argument("--layers", type=parse_layers, help="edited layers, e.g. 4,5,6,7,8 or 4-8; KNOWPATCH_LAYERS")
+    editing.add_argument("--profile", choices=["default", "paper"],
+                         help="hyper-parameter profile of the model's file: the project's lifelong set or the "
+                              "paper's; KNOWPATCH_PROFILE (default)")
+    editing.add_argument("--v-stop-greedy-margin", dest="stop_margin", metavar="MARGIN", type=_float_or_off,
+                         help="most-probable early stop: every target token the argmax by this log-prob margin "
+                              "('off': none); KNOWPATCH_STOP_MARGIN")
+    editing.add_argument("--norm-penalty", type=float,
+                         help="weight of the accumulated-update norm in the solve; KNOWPATCH_NORM_PENALTY")
+    editing.add_argument("--seed", type=int, help="samples, context templates, self corpus, torch; KNOWPATCH_SEED (0)")
+    editing.add_argument("--cache-dir", type=Path, help="converted models and statistics; KNOWPATCH_CACHE_DIR")
+    editing.add_argument("--v-lr", type=float, help="compute_z learning rate (v_lr)")
+    editing.add_argument("--v-steps", dest="v_num_grad_steps", metavar="STEPS", type=int,
+                         help="compute_z steps (v_num_grad_steps)")
     editing.add_argument("--v-stop-nll", type=_float_or_off, help="stop a target at this mean NLL ('off': never)")
-    editing.add_argument("--v-stop-greedy-margin", type=_float_or_off,
-                         help="most-probable early stop: every target token the argmax by this log-prob margin ('off')")
-    editing.add_argument("--norm-penalty", type=float, help="weight of the accumulated-update norm in the solve")
-    editing.add_argument("--l2", type=float, help="AlphaEdit's ridge L2")
-    editing.add_argument("--mom2-weight", type=float, help="MEMIT's lambda on C0 (mom2_update_weight)")
+    editing.add_argument("--l2", dest="L2", metavar="L2", type=float, help="AlphaEdit's ridge L2")
+    editing.add_argument("--mom2-weight", dest="mom2_update_weight", metavar="WEIGHT", type=float,
+                         help="MEMIT's lambda on C0 (mom2_update_weight)")
     editing.add_argument("--clamp-norm-factor", type=float, help="largest ||delta|| / ||h0|| of a target")
     editing.add_argument("--kl-factor", type=float, help="weight of the KL term of the target optimisation")
-    editing.add_argument("--seed", type=int, default=0, help="context templates, self corpus, torch")
-    editing.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help="converted models and statistics")
     service = p.add_argument_group("service (over HTTP)")
     service.add_argument("--url", help="drive a running knowpatch service instead of an in-process editor")
     service.add_argument("--api-key", default=os.environ.get("KNOWPATCH_API_KEY"),
@@ -103,7 +128,7 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _float_or_off(text: str) -> float | str:
-    return "off" if text == "off" else float(text)
+    return OFF if text == OFF else float(text)
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -127,8 +152,30 @@ def _save_partial(partial: dict[str, Any], config: dict[str, Any], out: Path) ->
     write_partial(partial, config, out)
 
 
-def _device(name: str) -> str:
-    """The command's default, "auto": the first CUDA device if there is one."""
+def eval_settings(args: argparse.Namespace) -> Settings:
+    """The service's settings, read from the environment as the service reads them, with the editing
+    flags given on top. 'off' unsets a stop, which only a hyper-parameter override can say."""
+    named = {name: getattr(args, name) for name in SETTINGS_FLAGS if getattr(args, name) is not None}
+    hparams = {name: getattr(args, name) for name in HPARAM_FLAGS if getattr(args, name) is not None}
+    if named.get("stop_margin") == OFF:
+        hparams["v_stop_greedy_margin"] = named.pop("stop_margin")
+    try:
+        settings = Settings(**named)
+    except ValidationError as exc:
+        raise InvalidRequest(f"invalid settings: {exc}") from exc
+    overrides = {**settings.hparam_overrides, **{k: None if v == OFF else v for k, v in hparams.items()}}
+    return settings.model_copy(update={"hparam_overrides": overrides})
+
+
+def _seed(settings: Settings) -> int:
+    """The run's seed: --seed, else KNOWPATCH_SEED, else 0 (in-process, the hyper-parameters' context_seed,
+    0 in every shipped file, then seeds the context templates, the self corpus and torch)."""
+    return 0 if settings.seed is None else settings.seed
+
+
+def _device(settings: Settings) -> str:
+    """--device, else KNOWPATCH_DEVICE, else the command's own default "auto": the first CUDA device if any."""
+    name = settings.device if "device" in settings.model_fields_set else "auto"
     if name != "auto":
         return name
     import torch
@@ -136,23 +183,15 @@ def _device(name: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _open_target(args: argparse.Namespace, inputs: EvalInputs) -> tuple[Target, dict[str, float]]:
+def _open_target(args: argparse.Namespace, settings: Settings, inputs: EvalInputs) -> tuple[Target, dict[str, float]]:
     if args.url:
         from evaluation.targets.service import ServiceTarget
 
-        return ServiceTarget(args.url, args.api_key, method=args.method), {}
-    from evaluation.targets.engine import EngineTarget, LocalSetup, open_editor
+        return ServiceTarget(args.url, args.api_key, method=settings.method), {}
+    from evaluation.targets.engine import EngineTarget, open_editor
 
-    overrides = {"stats_tokens": args.stats_tokens, "nullspace_threshold": args.nullspace_threshold,
-                 "nullspace_energy": args.nullspace_energy, "layers": args.layers, "v_lr": args.v_lr,
-                 "v_num_grad_steps": args.v_steps, "v_stop_nll": args.v_stop_nll,
-                 "v_stop_greedy_margin": args.v_stop_greedy_margin, "norm_penalty": args.norm_penalty,
-                 "L2": args.l2, "mom2_update_weight": args.mom2_weight,
-                 "clamp_norm_factor": args.clamp_norm_factor, "kl_factor": args.kl_factor}
-    given = {k: (None if v == "off" else v) for k, v in overrides.items() if v is not None}
-    setup = LocalSetup(_device(args.device), args.model, args.dtype, args.cache_dir, args.method, args.corpus,
-                       args.seed, args.profile, given)
-    editor, timings = open_editor(setup, inputs.heldout, progress=not args.quiet)
+    on_device = settings.model_copy(update={"device": _device(settings)})
+    editor, timings = open_editor(on_device, inputs.heldout, progress=not args.quiet)
     return EngineTarget(editor), timings
 
 
@@ -166,11 +205,12 @@ def _versions() -> dict[str, str]:
     return versions
 
 
-def _config(args: argparse.Namespace, data: dict[str, Any], described: dict[str, Any], every: int) -> dict[str, Any]:
+def _config(args: argparse.Namespace, settings: Settings, data: dict[str, Any], described: dict[str, Any],
+            every: int) -> dict[str, Any]:
     config = {
         "dataset": args.dataset, "n": args.n, "batch_size": args.batch_size, "checkpoint_every": every,
-        "method": args.method, "model": args.model, "corpus": args.corpus, "seed": args.seed,
-        "profile": args.profile, "checkpoints": list(args.checkpoints or ()), "sample": args.sample,
+        "method": settings.method, "model": settings.model, "corpus": settings.corpus, "seed": _seed(settings),
+        "profile": settings.profile, "checkpoints": list(args.checkpoints or ()), "sample": args.sample,
         "first_k": args.first_k, "fluency_n": args.fluency_n,
         "control_n": args.control_n, "control_tokens": args.control_tokens, "ppl_chunks": args.ppl_chunks,
         "fluency_tokens": args.fluency_tokens, "url": args.url, **data, **described, "versions": _versions(),
@@ -185,21 +225,22 @@ def _config(args: argparse.Namespace, data: dict[str, Any], described: dict[str,
 
 def run_eval(args: argparse.Namespace) -> int:
     start = time.perf_counter()
+    settings = eval_settings(args)
     every = _checkpoint_every(args)
     inputs, data = _inputs(args)
-    settings = ProtocolSettings(args.dataset, args.batch_size, every, args.fluency_tokens, args.control_tokens,
-                                args.checkpoints or (), args.sample, args.seed, args.first_k, args.fluency_n)
+    protocol = ProtocolSettings(args.dataset, args.batch_size, every, args.fluency_tokens, args.control_tokens,
+                                args.checkpoints or (), args.sample, _seed(settings), args.first_k, args.fluency_n)
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    out = args.out or Path("eval-results") / f"{args.dataset}-{args.method}-n{args.n}-{stamp}"
-    target, setup_timings = _open_target(args, inputs)
+    out = args.out or Path("eval-results") / f"{args.dataset}-{settings.method}-n{args.n}-{stamp}"
+    target, setup_timings = _open_target(args, settings, inputs)
     try:
-        config = _config(args, data, target.describe(), every)
-        results = run_protocol(target, inputs, settings, progress=not args.quiet,
+        config = _config(args, settings, data, target.describe(), every)
+        results = run_protocol(target, inputs, protocol, progress=not args.quiet,
                                on_checkpoint=lambda partial: _save_partial(partial, config, out))
         described = target.describe()
     finally:
         target.close()
-    results["config"] = _config(args, data, described, every)
+    results["config"] = _config(args, settings, data, described, every)
     results["timings"] = {**setup_timings, **results["timings"], "total_s": time.perf_counter() - start}
     write_run(results, out)
     print(metrics_table([results]))

@@ -13,18 +13,22 @@ log = logging.getLogger(__name__)
 
 
 def hparams_from(settings: Settings) -> HyperParams:
-    """The model's shipped hyper-parameters with the settings' overrides."""
-    return load_hparams(settings.model, settings.profile).with_overrides(
+    """The model's shipped hyper-parameters in the settings' profile with the settings' overrides: the
+    named fields first, then `hparam_overrides` (any field by name; None unsets an optional one)."""
+    named = load_hparams(settings.model, settings.profile).with_overrides(
         layers=settings.layers, stats_tokens=settings.stats_tokens,
         nullspace_threshold=settings.nullspace_threshold, nullspace_energy=settings.nullspace_energy,
-        v_stop_greedy_margin=settings.stop_margin, norm_penalty=settings.norm_penalty,
+        v_stop_greedy_margin=settings.stop_margin, norm_penalty=settings.norm_penalty, context_seed=settings.seed,
     )
+    if not settings.hparam_overrides:
+        return named
+    return HyperParams.from_dict({**named.to_dict(), **settings.hparam_overrides})  # refuses unknown names
 
 
-def corpus_from(name: str, loaded: LoadedModel) -> Corpus:
-    """'self': text the model samples itself (needs no file); otherwise a text file or folder."""
+def corpus_from(name: str, loaded: LoadedModel, seed: int = 0) -> Corpus:
+    """'self': text the model samples itself from seeded openings (needs no file); otherwise a text file or folder."""
     if name == "self":
-        return SelfGeneratedCorpus(loaded.model, loaded.fingerprint)
+        return SelfGeneratedCorpus(loaded.model, loaded.fingerprint, seed=seed)
     return TextCorpus(name)
 
 
@@ -35,10 +39,14 @@ def load_from(settings: Settings) -> LoadedModel:
     )
 
 
-def build_editor(settings: Settings, progress: bool = True, keep_factors: bool = True) -> Editor:
-    """`keep_factors=False` for a worker: the ledger holds every edit's factors, the editor only sums."""
-    loaded = load_from(settings)
+def build_editor(settings: Settings, progress: bool = True, keep_factors: bool = True,
+                 loaded: LoadedModel | None = None) -> Editor:
+    """`keep_factors=False` for a worker: the ledger holds every edit's factors, the editor only sums.
+    `loaded`: the model already loaded by `load_from(settings)` (the evaluation times the two apart)."""
+    if loaded is None:
+        loaded = load_from(settings)
     hparams = hparams_from(settings)
     log.info("model %s loaded (%s); preparing key statistics over corpus %r", settings.model, loaded.fingerprint, settings.corpus)
-    return Editor.create(loaded, hparams, corpus_from(settings.corpus, loaded), settings.cache_dir,
+    corpus = corpus_from(settings.corpus, loaded, seed=hparams.context_seed)
+    return Editor.create(loaded, hparams, corpus, settings.cache_dir,
                          method=settings.method, progress=progress, keep_factors=keep_factors)

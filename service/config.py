@@ -34,6 +34,11 @@ class Settings(BaseSettings):
     stop_margin: float | None = Field(
         None, ge=0, description="most-probable early stop: log-probability margin of each target token (default from hparams)")
     norm_penalty: float | None = Field(None, ge=0, description="weight of the accumulated-update norm in the solve")
+    seed: int | None = Field(
+        None, description="seed of the context templates and the self-generated corpus (default: the hparams' context_seed)")
+    hparam_overrides: dict[str, int | float | None] = Field(
+        default_factory=dict, description="any further hyper-parameter by name, as JSON in the environment, e.g. "
+                                          "'{\"v_lr\": 0.3}'; null unsets an optional one; applied after the fields above")
 
     # Service
     data_dir: Path = Field(Path(".knowpatch"), description="local data of the embedded deployment (SQLite ledger)")

@@ -4,50 +4,23 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from service.engine.corpus import Corpus, SelfGeneratedCorpus, TextCorpus
+from evaluation.data import HeldOutText
+from evaluation.targets import BatchOutcome, Query, QueryScore
+from service.bootstrap import build_editor, corpus_from, hparams_from, load_from
+from service.config import Settings
+from service.engine.corpus import Corpus
 from service.engine.editor import Editor
 from service.engine.prompts import Row
 from service.engine.scoring import Score, continuation_row, score_rows
-from service.engine.types import EditRequest, HyperParams, Method, load_hparams
+from service.engine.types import EditRequest
 from service.errors import EditFailed, InvalidRequest
-from evaluation.targets import BatchOutcome, Query, QueryScore
-from evaluation.data import HeldOutText
-from service.model.loading import LoadedModel, load_model
+from service.model.loading import LoadedModel
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class LocalSetup:
-    """How to build the editor under evaluation."""
-
-    device: str  # a torch device string; everything runs where the model is
-    model: str = "smollm2"
-    dtype: str = "float32"
-    cache_dir: Path = Path.home() / ".cache" / "knowpatch"
-    method: Method = "alphaedit"
-    corpus: str = "self"  # "self" or a text file / folder
-    seed: int = 0
-    profile: str = "default"  # the hparams file's profile: "default" or "paper"
-    overrides: dict[str, Any] = field(default_factory=dict)  # HyperParams fields; None unsets an optional one
-
-
-def make_corpus(spec: str, loaded: LoadedModel, seed: int) -> Corpus:
-    if spec == "self":
-        return SelfGeneratedCorpus(loaded.model, loaded.fingerprint, seed=seed)
-    return TextCorpus(spec)
-
-
-def hyperparameters(setup: LocalSetup) -> HyperParams:
-    base = load_hparams(setup.model, setup.profile).with_overrides(context_seed=setup.seed)
-    overrides: dict[str, Any] = {k: tuple(v) if k == "layers" else v for k, v in setup.overrides.items()}
-    return replace(base, **overrides)
 
 
 def check_heldout_disjoint(loaded: LoadedModel, corpus: Corpus, heldout: HeldOutText, stats_tokens: int) -> None:
@@ -65,17 +38,17 @@ def check_heldout_disjoint(loaded: LoadedModel, corpus: Corpus, heldout: HeldOut
         )
 
 
-def open_editor(setup: LocalSetup, heldout: HeldOutText | None, progress: bool) -> tuple[Editor, dict[str, float]]:
-    """Load the model, collect (or reuse cached) statistics and build the editor; with timings."""
-    torch.manual_seed(setup.seed)
+def open_editor(settings: Settings, heldout: HeldOutText | None, progress: bool) -> tuple[Editor, dict[str, float]]:
+    """The editor the service would build from `settings` (service.bootstrap), with the time spent
+    loading the model and on the key statistics; the held-out text is checked before the statistics."""
+    hparams = hparams_from(settings)
+    torch.manual_seed(hparams.context_seed)
     start = time.perf_counter()
-    loaded = load_model(setup.model, device=setup.device, dtype=setup.dtype, cache_dir=setup.cache_dir)
+    loaded = load_from(settings)
     loaded_at = time.perf_counter()
-    hparams = hyperparameters(setup)
-    corpus = make_corpus(setup.corpus, loaded, setup.seed)
     if heldout is not None:
-        check_heldout_disjoint(loaded, corpus, heldout, hparams.stats_tokens)
-    editor = Editor.create(loaded, hparams, corpus, setup.cache_dir, method=setup.method, progress=progress)
+        check_heldout_disjoint(loaded, corpus_from(settings.corpus, loaded), heldout, hparams.stats_tokens)
+    editor = build_editor(settings, progress=progress, loaded=loaded)
     timings = {"load_s": loaded_at - start, "statistics_s": time.perf_counter() - loaded_at}
     return editor, timings
 

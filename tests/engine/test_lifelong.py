@@ -125,15 +125,16 @@ def _lifelong_run(profile: str, n: int, batch: int) -> tuple[dict, float]:
     statistics, cached by the other SmolLM2 tests), scored by the evaluation's own protocol; with the
     Frobenius norm of the accumulated update, summed over the edited layers."""
     from evaluation.data import load_cases, load_heldout
-    from evaluation.targets.engine import EngineTarget, LocalSetup, open_editor
     from evaluation.runner import EvalInputs, ProtocolSettings, run_protocol
+    from evaluation.targets.engine import EngineTarget, open_editor
+    from service.config import Settings
 
     from .conftest import CACHE_DIR
 
     heldout = load_heldout(shared_data("wikitext"), chunks=8)
-    setup = LocalSetup("cpu", cache_dir=CACHE_DIR, corpus=str(shared_data("wikitext")), profile=profile,
-                       overrides={"stats_tokens": 20_000})
-    editor, _ = open_editor(setup, heldout, progress=False)
+    service_settings = Settings(device="cpu", cache_dir=CACHE_DIR, corpus=str(shared_data("wikitext")),
+                                profile=profile, stats_tokens=20_000)
+    editor, _ = open_editor(service_settings, heldout, progress=False)
     try:
         inputs = EvalInputs(load_cases("counterfact", shared_data("counterfact"), n).cases, [], heldout)
         settings = ProtocolSettings("counterfact", batch, fluency_tokens=0)

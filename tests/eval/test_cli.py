@@ -1,13 +1,17 @@
-"""`knowpatch eval` end to end on the real SmolLM2: a few CounterFact cases, two batches."""
+"""`knowpatch eval`: its settings (the service's, with the flags on top), and end to end on the real
+SmolLM2: a few CounterFact cases, two batches."""
 from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 import pytest
 
-from evaluation.cli import add_eval_parser, main, parse_layers
+from evaluation.cli import _device, add_eval_parser, eval_settings, main, parse_layers
+from service.bootstrap import hparams_from
+from service.errors import InvalidRequest
 from tests.conftest import TEST_CACHE, shared_data
 
 
@@ -26,6 +30,57 @@ def test_parser_registers_both_commands_for_the_knowpatch_cli():
     assert args.func.__name__ == "run_eval"
     args = parser.parse_args(["eval-compare", "a", "b", "--out", "c"])
     assert args.func.__name__ == "run_compare" and args.runs == [Path("a"), Path("b")]
+
+
+def _parse(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_eval_parser(parser.add_subparsers(dest="command"))
+    return parser.parse_args(["eval", "counterfact", *argv])
+
+
+@pytest.fixture
+def environment(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    """No KNOWPATCH_ settings but those the test sets (and no .env: the tests run where there is none)."""
+    for name in [k for k in os.environ if k.startswith("KNOWPATCH_")]:
+        monkeypatch.delenv(name)
+    return monkeypatch
+
+
+def test_settings_are_the_services_with_the_flags_given_on_top(environment):
+    environment.setenv("KNOWPATCH_PROFILE", "paper")
+    environment.setenv("KNOWPATCH_STATS_TOKENS", "5000")
+    environment.setenv("KNOWPATCH_HPARAM_OVERRIDES", '{"kl_factor": 0.5, "v_lr": 0.2}')
+    settings = eval_settings(_parse("--stats-tokens", "7000", "--v-lr", "0.3", "--v-stop-nll", "off"))
+    assert (settings.profile, settings.stats_tokens, settings.method) == ("paper", 7000, "alphaedit")
+    assert settings.hparam_overrides == {"kl_factor": 0.5, "v_lr": 0.3, "v_stop_nll": None}
+    hparams = hparams_from(settings)
+    assert (hparams.profile, hparams.stats_tokens, hparams.v_lr, hparams.kl_factor) == ("paper", 7000, 0.3, 0.5)
+    assert hparams.v_stop_nll is None  # the paper profile's stop at NLL 0.05, switched off by the flag
+    assert eval_settings(_parse("--profile", "default")).profile == "default"
+
+
+def test_stop_margin_flag_sets_the_setting_or_switches_the_stop_off(environment):
+    environment.setenv("KNOWPATCH_STOP_MARGIN", "2")
+    assert hparams_from(eval_settings(_parse())).v_stop_greedy_margin == 2.0
+    margin_zero = eval_settings(_parse("--v-stop-greedy-margin", "0"))
+    assert margin_zero.stop_margin == 0.0 and hparams_from(margin_zero).v_stop_greedy_margin == 0.0
+    off = eval_settings(_parse("--v-stop-greedy-margin", "off"))
+    assert off.hparam_overrides == {"v_stop_greedy_margin": None}
+    assert hparams_from(off).v_stop_greedy_margin is None
+
+
+def test_device_is_the_flag_else_the_setting_else_auto(environment):
+    import torch
+
+    assert _device(eval_settings(_parse())) == ("cuda" if torch.cuda.is_available() else "cpu")
+    environment.setenv("KNOWPATCH_DEVICE", "meta")
+    assert _device(eval_settings(_parse())) == "meta"
+    assert _device(eval_settings(_parse("--device", "cpu"))) == "cpu"
+
+
+def test_invalid_settings_are_refused_as_invalid_requests(environment):
+    with pytest.raises(InvalidRequest, match="norm_penalty"):
+        eval_settings(_parse("--norm-penalty", "-1"))
 
 
 @pytest.mark.slow

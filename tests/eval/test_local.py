@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import pytest
 
+from evaluation.data import load_heldout
+from evaluation.targets import Query
+from evaluation.targets.engine import EngineTarget, _chunks, check_heldout_disjoint, open_editor
+from service.config import Settings
 from service.engine.prompts import Row
 from service.errors import InvalidRequest
-from evaluation.targets import Query
-from evaluation.data import load_heldout
-from evaluation.targets.engine import EngineTarget, LocalSetup, _chunks, check_heldout_disjoint, open_editor
 from tests.conftest import TEST_CACHE, shared_data
 
 QUERIES = [
@@ -27,8 +28,8 @@ def test_chunks_bound_padded_and_target_tokens():
 @pytest.fixture(scope="module")
 def target():
     wikitext = shared_data("wikitext")
-    setup = LocalSetup(device="cpu", cache_dir=TEST_CACHE, corpus=str(wikitext), overrides={"stats_tokens": 20_000})
-    editor, _ = open_editor(setup, load_heldout(wikitext, chunks=2), progress=False)
+    settings = Settings(device="cpu", cache_dir=TEST_CACHE, corpus=str(wikitext), stats_tokens=20_000)
+    editor, _ = open_editor(settings, load_heldout(wikitext, chunks=2), progress=False)
     yield EngineTarget(editor)
     editor.close()
 
