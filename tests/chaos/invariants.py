@@ -116,8 +116,9 @@ def _check_accepted(accepted: Accepted, edits: dict[str, Edit], ops: dict[str, l
         elif op.status not in ("done", "failed", *PENDING):
             findings.inconsistent.append(f"rollback {seq} of edit {edit_id} is {op.status}")
     for edit_id in accepted.cancels:
-        if edits[edit_id].status != "cancelled":
-            findings.inconsistent.append(f"edit {edit_id} was cancelled (200) but is {edits[edit_id].status}")
+        status = edits[edit_id].status if edit_id in edits else "missing"
+        if status != "cancelled":
+            findings.inconsistent.append(f"edit {edit_id} was cancelled (200) but is {status}")
     for first, again in accepted.retries:
         if first != again:
             findings.duplicated.append(f"an Idempotency-Key retry created edits {again}, the first request {first}")

@@ -101,7 +101,8 @@ def _cold_start(cluster: Cluster, fault: str | None, findings: Findings) -> None
     if not cluster.worker_alive():
         findings.inconsistent.append(f"a worker with no snapshot did not start: {cluster.worker.tail() if cluster.worker else ''}")
         return
-    check_weights(cluster.sessions, _served(cluster), _served(cluster), findings)
+    served = _served(cluster)
+    check_weights(cluster.sessions, served, served, findings)
 
 
 def _kill_worker_at_fault(cluster: Cluster, workload: Workload, kind: str, result: TrialResult) -> None:
