@@ -77,6 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="knowpatch-chaos-"))
     print(f"logs in {workdir}", flush=True)
     started = time.monotonic()
+    import torch
+
+    torch.set_num_threads(1)  # the in-process replay runs the tiny model: one thread is fastest
     cluster = Cluster(workdir)
     try:
         cluster.start_api()

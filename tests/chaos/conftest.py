@@ -23,5 +23,10 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 
 
 @pytest.fixture(scope="package")
-def replayer(cluster: Cluster) -> Replayer:
-    return Replayer(cluster)
+def replayer(cluster: Cluster) -> Iterator[Replayer]:
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the tiny model: one thread is fastest, and far faster on a busy machine
+    yield Replayer(cluster)
+    torch.set_num_threads(threads)

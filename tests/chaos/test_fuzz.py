@@ -15,7 +15,6 @@ from tests.chaos.fuzz import fuzz
 from tests.chaos.invariants import check_ledger, pending_operations
 from tests.chaos.workload import Accepted
 
-pytestmark = pytest.mark.slow
 EXAMPLES = int(os.environ.get("KNOWPATCH_CHAOS_FUZZ_EXAMPLES", "3"))
 # Known and reported: a body that is not JSON gets a 400 that the generation routes do not document
 # (test_malformed_json_is_answered_with_a_documented_status below, strict xfail). Remove this filter
@@ -23,6 +22,7 @@ EXAMPLES = int(os.environ.get("KNOWPATCH_CHAOS_FUZZ_EXAMPLES", "3"))
 KNOWN_UNDOCUMENTED = "Undocumented status code: Received: 400"
 
 
+@pytest.mark.slow
 def test_fuzzing_finds_no_server_error_and_no_undocumented_answer(cluster: Cluster) -> None:
     report = fuzz(cluster.api_url, cluster.keys.everything, EXAMPLES, seed=0)
     print(report.figures())

@@ -35,7 +35,9 @@ log = logging.getLogger(__name__)
 
 class Replayer:
     """A replay of the whole ledger from scratch in this process: the code a worker with no snapshot
-    runs (Worker.replay), on an editor built from the cluster's settings."""
+    runs (Worker.replay), on an editor built from the cluster's settings. Torch should run on one
+    thread meanwhile (the conftest fixture sees to it): on a busy machine the thread pool's spinning
+    makes the tiny model's steps many times slower."""
 
     def __init__(self, cluster: Cluster) -> None:
         from service.bootstrap import build_editor
