@@ -13,35 +13,16 @@ from collections.abc import Iterator
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
-from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.errors import KnowpatchError
 from service.ledger import repository as repo
-from service.ledger.models import EditEvent
 from service.queue import OperationQueue
 
 log = logging.getLogger(__name__)
 
 APPLY_LATENCY_WINDOW = 100  # most recent applied edits the apply-latency gauges summarize
 GENERATE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
-
-
-def recent_apply_seconds(session: Session, window: int = APPLY_LATENCY_WINDOW) -> list[float]:
-    """Seconds from each recent edit's last 'applying' event to its 'applied' event, newest first.
-
-    This is the worker's time to compute and record the edit's batch (the solve for all edits
-    coalesced with it), not the time the edit waited in the queue.
-    """
-    applied = list(session.scalars(
-        select(EditEvent).where(EditEvent.event == "applied").order_by(EditEvent.id.desc()).limit(window)
-    ))
-    starts: dict[str, EditEvent] = {}
-    claims = select(EditEvent).where(EditEvent.event == "applying",
-                                     EditEvent.edit_id.in_([e.edit_id for e in applied])).order_by(EditEvent.id)
-    for event in session.scalars(claims):
-        starts[event.edit_id] = event  # the last claim wins (an earlier one may have crashed)
-    return [(e.at - starts[e.edit_id].at).total_seconds() for e in applied if e.edit_id in starts]
 
 
 class LedgerCollector(Collector):
@@ -66,7 +47,7 @@ class LedgerCollector(Collector):
         with self.ledger() as session:
             counts, pending = repo.status_counts(session), repo.queue_depth(session)
             head_seq, _ = repo.head(session)
-            latencies = recent_apply_seconds(session)
+            latencies = repo.recent_apply_seconds(session, APPLY_LATENCY_WINDOW)
         edits = GaugeMetricFamily("knowpatch_edits", "Edits in the ledger by status", labels=["status"])
         for status, count in counts.items():
             edits.add_metric([status], count)

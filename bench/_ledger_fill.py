@@ -37,7 +37,7 @@ from service.ledger import repository as repo  # noqa: E402
 from service.ledger.codec import StoredFactor  # noqa: E402
 from service.ledger.db import make_engine, migrate, session_factory  # noqa: E402
 from service.ledger.models import Operation  # noqa: E402
-from service.replay import edit_factors  # noqa: E402
+from service.ledger.tensors import to_engine  # noqa: E402
 
 REQUESTED_BY = "bench-synthetic"
 
@@ -80,7 +80,7 @@ def fill(editor: Editor, data_dir: Path, n: int, batch: int, seed: int) -> dict:
                          "rephrase_prompts": [], "locality_prompts": [],
                          "metadata": {"synthetic": True, "bench": "service_load"}} for j in range(size)]
             with sessions() as session:
-                edits = repo.create_edits(session, requests, subjects=[r["subject"] for r in requests],
+                edits, _ = repo.create_edits(session, requests, subjects=[r["subject"] for r in requests],
                                           requested_by=REQUESTED_BY, method=editor.method, idempotency_key=None)
                 ops = [session.get(Operation, int(e.seq)) for e in edits]
                 claimed = repo.mark_applying(session, ops, batch_id)
@@ -89,7 +89,7 @@ def fill(editor: Editor, data_dir: Path, n: int, batch: int, seed: int) -> dict:
                 stored = {e.id: [_factor(editor, layer, rng) for layer in editor.layers] for e in edits}
                 # the weights after this batch, composed by the real factor store, exactly as replay does
                 version = max(int(e.seq) for e in edits)
-                editor.load([edit_factors(e.id, batch_id, stored[e.id], editor.layers) for e in edits], version)
+                editor.load([to_engine(e.id, batch_id, stored[e.id], editor.layers) for e in edits], version)
                 digest = editor.weights_digest()
                 for e, op in zip(edits, claimed):
                     factors = stored[e.id]

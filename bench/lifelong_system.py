@@ -46,7 +46,7 @@ from service.engine.editor import Editor  # noqa: E402
 from service.engine.types import EditRequest  # noqa: E402
 from service.ledger import repository as repo  # noqa: E402
 from service.ledger.db import make_engine, migrate, session_factory  # noqa: E402
-from service.replay import edit_factors  # noqa: E402
+from service.ledger.tensors import to_engine  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "counterfact" / "counterfact-train.json"
 FALLBACK = EditRequest("Eiffel Tower", "The Eiffel Tower is located in the city of", "Rome", "Paris",
@@ -75,7 +75,7 @@ def replay(editor: Editor, url: str) -> tuple[dict, list[repo.ActiveEdit]]:
     finally:
         engine.dispose()
     t = time.perf_counter()
-    edits = [edit_factors(a.edit_id, a.batch_id, a.factors, editor.layers) for a in active]
+    edits = [to_engine(a.edit_id, a.batch_id, a.factors, editor.layers) for a in active]
     parts["decode_s"] = time.perf_counter() - t
     t = time.perf_counter()
     editor.load(edits, version=head_seq)
@@ -114,13 +114,13 @@ def rollback_first(editor: Editor, url: str, active: list[repo.ActiveEdit], sett
             read_s = time.perf_counter() - t
     finally:
         engine.dispose()
-    factors = edit_factors(first.edit_id, first.batch_id, stored, editor.layers)
+    factors = to_engine(first.edit_id, first.batch_id, stored, editor.layers)
     t = time.perf_counter()
     editor.install(editor.plan_revert(first.edit_id, factors), editor.version + 1)
     revert_s = time.perf_counter() - t
     fresh = build_editor(settings, progress=False, keep_factors=False)
     try:
-        fresh.load([edit_factors(a.edit_id, a.batch_id, a.factors, fresh.layers) for a in active[1:]], editor.version)
+        fresh.load([to_engine(a.edit_id, a.batch_id, a.factors, fresh.layers) for a in active[1:]], editor.version)
         exact = fresh.weights_digest() == editor.weights_digest()
     finally:
         fresh.close()

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 from service.engine.types import EditRequest
-from service.engine.validation import validate_request
 from service.errors import InvalidRequest
 
 log = logging.getLogger(__name__)
@@ -120,7 +119,7 @@ def load_cases(dataset: Dataset, path: str | Path | None = None, n: int | None =
             break
         try:
             case = build(index, record)
-            validate_request(case.request())
+            case.request()  # an EditRequest checks itself when built
         except (KeyError, IndexError, TypeError) as exc:
             loaded.skipped[str(record.get("case_id", index))] = f"malformed record: missing {exc}"
             continue

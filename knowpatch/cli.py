@@ -15,7 +15,7 @@ import sys
 import threading
 from pathlib import Path
 
-from service.config import Settings
+from service.config import Settings, internal_token
 from service.errors import KnowpatchError
 
 log = logging.getLogger("knowpatch")
@@ -41,6 +41,14 @@ def _check_exposure(host: str, settings: Settings) -> None:
             "so the service only listens on loopback"
         )
     log.warning("no API keys configured: every request is allowed; listening on loopback (%s) only", host)
+
+
+def _check_worker_exposure(settings: Settings) -> None:
+    """The internal routes serve the model to anyone with the token: off loopback, only with a
+    configured one (a generated token lives in one machine's cache folder)."""
+    if settings.internal_token is None and not _is_loopback(settings.worker_host):
+        raise SystemExit(f"refusing to serve the worker's internal routes on {settings.worker_host} without "
+                         "KNOWPATCH_INTERNAL_TOKEN: set the same secret (16+ characters) on the API and the worker")
 
 
 def snapshot_path(settings: Settings) -> Path:
@@ -117,7 +125,7 @@ def cmd_api(args: argparse.Namespace, settings: Settings) -> int:
     if not settings.database_url:
         raise SystemExit("KNOWPATCH_DATABASE_URL is required for the split deployment")
     worker_url = settings.worker_url or f"http://{settings.worker_host}:{settings.worker_port}"
-    backend = HttpBackend(worker_url, timeout=settings.version_wait_s + 300)
+    backend = HttpBackend(worker_url, timeout=settings.version_wait_s + 300, token=internal_token(settings))
     app = create_app(settings, session_factory=_ledger(settings, migrate_first=False), queue=_redis_queue(settings),
                      backend=backend, lifespan_hooks=[backend.lifespan])
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
@@ -132,9 +140,12 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
 
     if not settings.database_url:
         raise SystemExit("KNOWPATCH_DATABASE_URL is required for the split deployment")
+    _check_worker_exposure(settings)
+    token = internal_token(settings)
     backend, stop, thread = _start_worker(settings, _ledger(settings, migrate_first=False), _redis_queue(settings))
+    app = create_worker_app(backend, token=token, max_new_tokens_limit=settings.max_new_tokens_limit)
     try:
-        uvicorn.run(create_worker_app(backend), host=settings.worker_host, port=settings.worker_port, log_level="info")
+        uvicorn.run(app, host=settings.worker_host, port=settings.worker_port, log_level="info")
     finally:
         stop.set()
         thread.join(timeout=60)

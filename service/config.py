@@ -1,10 +1,12 @@
 """Settings, read once at start-up from the environment (prefix KNOWPATCH_) or a .env file."""
 from __future__ import annotations
 
+import os
+import secrets
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_MODEL = "smollm2"
@@ -47,9 +49,16 @@ class Settings(BaseSettings):
     queue_stream: str = "knowpatch:edits"
     queue_group: str = "knowpatch-workers"
     worker_url: str | None = Field(None, description="where the API forwards generation in the split deployment")
-    worker_host: str = "127.0.0.1"
+    worker_host: str = Field("127.0.0.1", description="the worker's internal server; non-loopback needs internal_token")
     worker_port: int = 8001
+    internal_token: SecretStr | None = Field(
+        None, description="shared secret of the API and the worker's internal routes; unset: one generated in "
+                          "cache_dir, which only processes sharing that folder (one machine) can read")
     batch_size: int = Field(8, ge=1, le=256, description="most consecutive queued edits coalesced into one solve")
+    max_queued: int | None = Field(
+        10_000, ge=1, description="most unfinished ledger operations; POST /edits beyond it gets 429 (None: no bound)")
+    max_queued_per_key: int | None = Field(
+        1_000, ge=1, description="most unfinished edits of one API key (requester); beyond it 429")
     api_keys: str | None = Field(None, description="API keys: 'name:key:scope1,scope2;...' or a path to a JSON file")
     version_wait_s: float = Field(30.0, description="longest wait for min_model_version")
     max_new_tokens_limit: int = 512
@@ -59,3 +68,30 @@ class Settings(BaseSettings):
         if self.database_url:
             return self.database_url
         return f"sqlite:///{(self.data_dir / 'ledger.db').resolve()}"
+
+
+INTERNAL_TOKEN_FILE = "internal-token"
+
+
+def internal_token(settings: Settings) -> str:
+    """The secret the API presents to the worker: KNOWPATCH_INTERNAL_TOKEN, else one generated once in
+    the cache folder (mode 0600), so an API and a worker started on one machine agree without setup."""
+    if settings.internal_token is not None:
+        value = settings.internal_token.get_secret_value()
+        if len(value) < 16:
+            raise ValueError("KNOWPATCH_INTERNAL_TOKEN must be at least 16 characters")
+        return value
+    path = settings.cache_dir / INTERNAL_TOKEN_FILE
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{INTERNAL_TOKEN_FILE}.{os.getpid()}.{secrets.token_hex(4)}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(secrets.token_urlsafe(32))
+        try:
+            os.link(tmp, path)  # atomic, and refused if another process got there first: its token wins
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink()
+    return path.read_text().strip()

@@ -36,7 +36,7 @@ from service.engine.editor import Editor
 from service.engine.factors import EditFactors
 from service.errors import Conflict, InvalidRequest, LedgerCorrupt
 from service.ledger import repository as repo
-from service.replay import edit_factors
+from service.ledger.tensors import to_engine
 from service.ledger.models import ZERO_HASH, Edit, Operation
 
 log = logging.getLogger(__name__)
@@ -87,7 +87,7 @@ def ledger_state(session: Session, layers: Sequence[int], version: int | None = 
             digest = repo.head_digest(session)
             if repo.head(session) == (head_seq, head_hash):
                 return LedgerState(head_seq, head_hash, digest,
-                                   [edit_factors(a.edit_id, a.batch_id, a.factors, layers) for a in at_head])
+                                   [to_engine(a.edit_id, a.batch_id, a.factors, layers) for a in at_head])
             head_seq, head_hash = repo.head(session)
         raise Conflict(f"the ledger moved on during {_READ_TRIES} reads of its head: export a --version")
     if version < 0 or version > head_seq:
@@ -108,7 +108,7 @@ def ledger_state(session: Session, layers: Sequence[int], version: int | None = 
     last = session.get(Operation, done[-1][0])
     if last is None or last.hash is None:
         raise LedgerCorrupt(f"operation {done[-1][0]} is done but has no hash")
-    edits = [edit_factors(edit_id, batch_id, repo.verified_factors(session, edit_id), layers)
+    edits = [to_engine(edit_id, batch_id, repo.verified_factors(session, edit_id), layers)
              for edit_id, batch_id in active.items()]
     return LedgerState(last.seq, last.hash, last.weights_digest, edits)
 

@@ -162,7 +162,7 @@ def submit_edits(sessions, subjects: list[str]) -> list[str]:
     requests = [{"subject": s, "prompt": f"{s} is located in the city of", "target_new": "Rome",
                  "target_true": "Paris", "rephrase_prompts": [], "locality_prompts": []} for s in subjects]
     with sessions() as session:
-        edits = repo.create_edits(session, requests, subjects=subjects, requested_by="test", method="alphaedit",
+        edits, _ = repo.create_edits(session, requests, subjects=subjects, requested_by="test", method="alphaedit",
                                   idempotency_key=None)
         session.commit()
         return [e.id for e in edits]

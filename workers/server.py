@@ -1,16 +1,23 @@
-"""The worker's internal HTTP server: the API of the split deployment forwards inference here."""
+"""The worker's internal HTTP server: the API of the split deployment forwards inference here.
+
+The routes and bodies are service.wire's, shared with the client (api/backend_http.py). Every
+/internal route needs the internal token; /health and /ready answer anyone (orchestrators probe them).
+"""
 from __future__ import annotations
 
+import hmac
 import json
 import logging
 from collections.abc import AsyncIterator
-from dataclasses import asdict
+from typing import Annotated
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Header, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from service.errors import InvalidRequest, KnowpatchError, NotFound
-from service.inference import GenerateParams
+from service import wire
+from service.errors import InvalidRequest, KnowpatchError, NotFound, Unauthorized
+from service.inference import BackendInfo, GenerateResult, ScoreResult
 from workers.inference import LocalBackend
 
 log = logging.getLogger(__name__)
@@ -20,33 +27,44 @@ def _error(exc: KnowpatchError) -> JSONResponse:
     return JSONResponse(exc.body(), status_code=exc.status)
 
 
-async def _params(request: Request) -> GenerateParams:
-    try:
-        return GenerateParams.from_dict(await request.json())
-    except (TypeError, ValueError) as exc:
-        raise InvalidRequest(f"bad generation parameters: {exc}") from exc
+def _invalid(request: Request, exc: Exception) -> JSONResponse:
+    errors = exc.errors() if isinstance(exc, RequestValidationError) else []
+    detail = "; ".join(f"{'.'.join(map(str, e.get('loc', ())[1:])) or 'body'}: {e.get('msg')}" for e in errors[:5])
+    return _error(InvalidRequest(f"invalid internal request: {detail or exc}"))
 
 
-def create_worker_app(backend: LocalBackend) -> FastAPI:
-    app = FastAPI(title="knowpatch worker (internal)", docs_url=None, redoc_url=None)
-    app.add_exception_handler(KnowpatchError, lambda request, exc: _error(exc))
+def create_worker_app(backend: LocalBackend, *, token: str, max_new_tokens_limit: int) -> FastAPI:
+    app = FastAPI(title="knowpatch worker (internal)", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_exception_handler(KnowpatchError, lambda request, exc: _error(exc))  # type: ignore[arg-type]
+    app.add_exception_handler(RequestValidationError, _invalid)
+    expected = f"Bearer {token}".encode()
 
-    @app.post("/internal/generate")
-    async def generate(request: Request) -> dict:
-        return asdict(await backend.generate(await _params(request)))
+    def authorised(authorization: Annotated[str | None, Header()] = None) -> None:
+        if authorization is None or not hmac.compare_digest(authorization.encode(), expected):
+            raise Unauthorized("the worker's internal routes need the internal token (KNOWPATCH_INTERNAL_TOKEN)")
 
-    @app.post("/internal/generate_stream")
-    async def generate_stream(request: Request) -> StreamingResponse:
-        params = await _params(request)
-        stream = backend.generate_stream(params)
+    def checked(call: wire.GenerateCall) -> wire.GenerateCall:
+        if call.max_new_tokens > max_new_tokens_limit:
+            raise InvalidRequest(f"max_new_tokens is {call.max_new_tokens}; this worker allows at most "
+                                 f"{max_new_tokens_limit} (KNOWPATCH_MAX_NEW_TOKENS_LIMIT)")
+        return call
+
+    internal = [Depends(authorised)]
+
+    @app.post(wire.GENERATE, dependencies=internal)
+    async def generate(call: wire.GenerateCall) -> GenerateResult:
+        return await backend.generate(checked(call).params())
+
+    @app.post(wire.GENERATE_STREAM, dependencies=internal)
+    async def generate_stream(call: wire.GenerateCall) -> StreamingResponse:
+        stream = backend.generate_stream(checked(call).params())
         first = await anext(stream)  # errors before the first token become a proper status code
 
         async def events() -> AsyncIterator[str]:
             event = first
             try:
                 while True:
-                    payload = {"result": asdict(event.result)} if event.result else {"text": event.text}
-                    yield f"data: {json.dumps(payload)}\n\n"
+                    yield f"data: {wire.StreamChunk(text=event.text, result=event.result).model_dump_json()}\n\n"
                     try:
                         event = await anext(stream)
                     except StopAsyncIteration:
@@ -59,29 +77,28 @@ def create_worker_app(backend: LocalBackend) -> FastAPI:
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
-    @app.post("/internal/score")
-    async def score(request: Request) -> dict:
-        body = await request.json()
-        result = await backend.score(body.get("prompt", ""), list(body.get("candidates") or []), body.get("min_model_version"))
-        return asdict(result)
+    @app.post(wire.SCORE, dependencies=internal)
+    async def score(call: wire.ScoreCall) -> ScoreResult:
+        return await backend.score(call.prompt, call.candidates, call.min_model_version)
 
-    @app.post("/internal/chat_prompt")
-    async def chat_prompt(request: Request) -> dict:
-        return {"prompt": await backend.chat_prompt((await request.json()).get("messages") or [])}
+    @app.post(wire.CHAT_PROMPT, dependencies=internal)
+    async def chat_prompt(call: wire.ChatPromptCall) -> wire.ChatPromptReply:
+        return wire.ChatPromptReply(prompt=await backend.chat_prompt([m.model_dump() for m in call.messages]))
 
-    @app.get("/internal/info")
-    async def info() -> dict:
-        return asdict(await backend.info())
+    @app.get(wire.INFO, dependencies=internal)
+    async def info() -> BackendInfo:
+        return await backend.info()
 
     @app.get("/health")
-    async def health() -> dict:
-        return {"status": "ok"}
+    async def health() -> wire.HealthReply:
+        return wire.HealthReply()
 
     @app.get("/ready")
     async def ready() -> JSONResponse:
         """503 with the reason while the worker replays, or its loop has stopped, is stuck or is retrying."""
         reason = backend.not_ready()
-        return JSONResponse({"ready": reason is None, "message": reason or "ready"}, status_code=503 if reason else 200)
+        reply = wire.ReadyReply(ready=reason is None, message=reason or "ready")
+        return JSONResponse(reply.model_dump(), status_code=503 if reason else 200)
 
     @app.api_route("/{path:path}", methods=["GET", "POST"], include_in_schema=False)
     async def unknown(path: str) -> JSONResponse:

@@ -28,7 +28,7 @@ from service.engine.factors import EditFactors
 from service.engine.types import EditRequest, RequestMetrics
 from service.errors import KnowpatchError, LedgerCorrupt, Unavailable
 from service.ledger import repository as repo
-from service.replay import edit_factors, ops_after, stored_factors
+from service.ledger import tensors
 from service.queue.base import OperationQueue
 
 log = logging.getLogger(__name__)
@@ -113,8 +113,8 @@ class Worker:
     def _replay_cold(self, head_seq: int, digest: str | None) -> str:
         """Every active edit's factors read, checked against their checksums and the chain, summed."""
         with self.sessions() as session:
-            verified, active = repo.verified_active_edits(session)
-        self.editor.load([edit_factors(a.edit_id, a.batch_id, a.factors, self.editor.layers) for a in active], version=head_seq)
+            verified, active = tensors.active_edits(session, self.editor.layers)
+        self.editor.load(active, version=head_seq)
         if digest is not None and self.editor.weights_digest() != digest:
             raise LedgerCorrupt(
                 f"replaying {len(active)} active edits does not reproduce the weights recorded at seq {head_seq}: "
@@ -136,7 +136,7 @@ class Worker:
                 return None
             self._snapshot_seq = seq
             verified = repo.verify_links(session)
-            tail = ops_after(session, seq, self.editor.layers)
+            tail = tensors.ops_after(session, seq, self.editor.layers)
         self.editor.replay_ops(tail, head_seq)
         if digest is not None and self.editor.weights_digest() != digest:
             log.warning("the snapshot at seq %d and %d later operations do not reproduce the recorded weights; "
@@ -163,10 +163,7 @@ class Worker:
         if edit_id not in self.editor.store:
             return None  # plan_revert says why
         with self.sessions() as session:
-            edit = repo.get_edit(session, edit_id)
-            stored = repo.verified_factors(session, edit_id)
-            batch_id = edit.batch_id or ""
-        return edit_factors(edit_id, batch_id, stored, self.editor.layers)
+            return tensors.edit(session, edit_id, self.editor.layers)
 
     def recover_queue(self) -> int:
         """Re-publish unfinished operations missing from the queue (e.g. after Redis was flushed)."""
@@ -243,8 +240,8 @@ class Worker:
         with self.sessions() as session:
             head_seq, _ = repo.head(session)
             digest = repo.head_digest(session)
-            missing = [] if head_seq == self.editor.version else ops_after(session, self.editor.version,
-                                                                           self.editor.layers)
+            missing = [] if head_seq == self.editor.version else \
+                tensors.ops_after(session, self.editor.version, self.editor.layers)
         if missing:
             log.warning("the ledger recorded %d operations after version %d that the weights lack; applying them",
                         len(missing), self.editor.version)
@@ -342,7 +339,7 @@ class Worker:
         with self.sessions() as session:
             for j, job in enumerate(jobs):
                 repo.record_applied(
-                    session, job.seq, factors=stored_factors(update.edits[j]), metrics_before=before[j].to_dict(),
+                    session, job.seq, factors=tensors.to_stored(update.edits[j]), metrics_before=before[j].to_dict(),
                     metrics_after=after[j].to_dict() | {"target_steps": update.steps[j], "target_nll": update.target_nll[j],
                                                         "target_greedy": update.target_greedy[j]},
                     update_norms=update.update_norms[j], layers=self.editor.layers,

@@ -33,7 +33,7 @@ EDIT_ID = "3f1c2a9e-6b1d-4c55-9a43-0f6f2b1c8d7e"
 
 
 def text_schema(limit: int) -> dict[str, Any]:
-    """The rules validate_request enforces on a text field, for the OpenAPI document only: that check
+    """The rules EditRequest enforces on a text field, for the OpenAPI document only: that check
     is shared with the engine and words its own messages. Not blank ("\\S" is a necessary condition:
     zero-width characters alone are refused too), at most `limit` characters."""
     return {"minLength": 1, "maxLength": limit, "pattern": NON_BLANK_PATTERN}
@@ -116,10 +116,11 @@ class RollbackIn(BaseModel):
 
 class RollbackAccepted(BaseModel):
     model_config = ConfigDict(json_schema_extra={"examples": [
-        {"id": EDIT_ID, "status": "applied", "rollback_seq": 42, "queue_position": 0}]})
+        {"id": EDIT_ID, "status": "queued", "edit_status": "applied", "rollback_seq": 42, "queue_position": 0}]})
 
     id: str
-    status: str = Field(description="the edit's status; it stays 'applied' until the worker reverts it")
+    status: str = Field(description="the rollback's state: 'queued' until the worker takes it")
+    edit_status: str = Field(description="the edit's status; it stays 'applied' until the worker reverts it")
     rollback_seq: int = Field(description="seq of the rollback operation; the model version once it is done")
     queue_position: int = Field(description="unfinished operations ahead of the rollback")
 

@@ -7,13 +7,13 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from api.schemas.common import NON_BLANK_PATTERN, NonBlank, PlainText, not_blank
 from service.inference import GenerateResult, ScoreResult
-
-MAX_INPUT_CHARS = 8000
-DEFAULT_MAX_NEW_TOKENS = 32
-MAX_STOP_SEQUENCES = 8
-MAX_CANDIDATES = 32
-# A candidate may be a whole passage (its perplexity); the model's context is the real bound, checked by the backend.
-MAX_CANDIDATE_CHARS = MAX_INPUT_CHARS
+from service.wire import (  # noqa: F401 (re-exported: the public and internal routes share the limits)
+    DEFAULT_MAX_NEW_TOKENS,
+    MAX_CANDIDATE_CHARS,
+    MAX_CANDIDATES,
+    MAX_INPUT_CHARS,
+    MAX_STOP_SEQUENCES,
+)
 
 
 Candidate = Annotated[str, Field(min_length=1, max_length=MAX_CANDIDATE_CHARS,

@@ -31,7 +31,6 @@ from service.engine.stats import cached_second_moments
 from service.engine.templates import context_templates
 from service.engine.trace import LayerTrace, Pending
 from service.engine.types import EditRequest, HyperParams, Method, RequestMetrics
-from service.engine.validation import validate_request
 from service.errors import Conflict, EditFailed
 from service.model.adapters import ModelAdapter, default_layers
 from service.model.loading import LoadedModel
@@ -131,8 +130,6 @@ class Editor:
 
     def compute(self, requests: Sequence[EditRequest], edit_ids: Sequence[str], batch_id: str) -> BatchUpdate:
         """Factors for a batch, on the current weights; the served model is not touched."""
-        for request in requests:
-            validate_request(request)
         timings: dict[str, float] = {}
         start = time.perf_counter()
         targets = compute_targets(self.adapter, self.tokenizer, requests, self.templates, self.hparams, self.layers[-1])
@@ -217,13 +214,6 @@ class Editor:
             self.version = version
             self._served_digest = swap.digest
         self.store.apply(swap.change)
-
-    def commit(self, update: BatchUpdate, version: int) -> None:
-        """Make a computed batch live. On any failure the served weights stay as they were."""
-        self.install(self.plan_commit(update), version)
-
-    def revert(self, edit_id: str, version: int, factors: EditFactors | None = None) -> None:
-        self.install(self.plan_revert(edit_id, factors), version)
 
     def load(self, edits: Sequence[EditFactors], version: int) -> None:
         """Replay active edits (ledger order) onto a fresh editor: the store's sums in one pass."""

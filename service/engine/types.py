@@ -6,17 +6,29 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from importlib import resources
 from typing import Any, Literal
 
+from service.engine.validation import check_edit
+
 Method = Literal["alphaedit", "memit"]
 
 
 @dataclass(frozen=True)
 class EditRequest:
+    """One fact edit, the one request type from the API to the engine. Checked when built
+    (InvalidRequest says what is wrong), so an EditRequest that exists can be applied."""
+
     subject: str
     prompt: str  # contains the subject verbatim or exactly one "{}"
     target_new: str
     target_true: str | None = None
     rephrase_prompts: tuple[str, ...] = ()
     locality_prompts: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        for name in ("rephrase_prompts", "locality_prompts"):  # lists from JSON become tuples: hashable, frozen
+            if not isinstance(getattr(self, name), tuple):
+                object.__setattr__(self, name, tuple(getattr(self, name) or ()))
+        check_edit(self.subject, self.prompt, self.target_new, self.target_true,
+                   self.rephrase_prompts, self.locality_prompts)
 
     @property
     def template(self) -> str:

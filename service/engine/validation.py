@@ -1,10 +1,10 @@
-"""Checks on edit requests, shared by the API (before anything is written) and the engine."""
+"""The rules of an edit request, checked when an EditRequest is built (service.engine.types), so a
+request that exists is valid wherever it came from; the API's schemas quote the same limits."""
 from __future__ import annotations
 
 import unicodedata
 from typing import Any
 
-from service.engine.types import EditRequest
 from service.errors import InvalidRequest
 
 MAX_SUBJECT_CHARS = 200
@@ -62,10 +62,11 @@ def _check_prompt_list(name: str, prompts: tuple[str, ...]) -> None:
         _check_text(f"{name}[{i}]", prompt, MAX_PROMPT_CHARS)
 
 
-def validate_request(request: EditRequest) -> EditRequest:
-    """Raise InvalidRequest with an actionable message, or return the request unchanged."""
-    subject = _check_text("subject", request.subject, MAX_SUBJECT_CHARS)
-    prompt = _check_text("prompt", request.prompt, MAX_PROMPT_CHARS)
+def check_edit(subject: object, prompt: object, target_new: object, target_true: object,
+               rephrase_prompts: tuple[str, ...], locality_prompts: tuple[str, ...]) -> None:
+    """Raise InvalidRequest with an actionable message for a request that can never be applied."""
+    subject = _check_text("subject", subject, MAX_SUBJECT_CHARS)
+    prompt = _check_text("prompt", prompt, MAX_PROMPT_CHARS)
     braces = prompt.count("{}")
     if braces > 1:
         raise InvalidRequest("prompt must contain at most one '{}' placeholder for the subject")
@@ -73,13 +74,13 @@ def validate_request(request: EditRequest) -> EditRequest:
         raise InvalidRequest(
             f"prompt must contain the subject {subject!r} verbatim or one '{{}}' placeholder"
         )
-    if request.template.replace("{}", "").strip() == "":
+    template = prompt if braces else prompt.replace(subject, "{}", 1)
+    if template.replace("{}", "").strip() == "":
         raise InvalidRequest("prompt must contain text besides the subject")
-    target_new = _check_text("target_new", request.target_new, MAX_TARGET_CHARS)
-    if request.target_true is not None:
-        target_true = _check_text("target_true", request.target_true, MAX_TARGET_CHARS)
+    target_new = _check_text("target_new", target_new, MAX_TARGET_CHARS)
+    if target_true is not None:
+        target_true = _check_text("target_true", target_true, MAX_TARGET_CHARS)
         if target_true.strip() == target_new.strip():
             raise InvalidRequest("target_new must differ from target_true")
-    _check_prompt_list("rephrase_prompts", request.rephrase_prompts)
-    _check_prompt_list("locality_prompts", request.locality_prompts)
-    return request
+    _check_prompt_list("rephrase_prompts", rephrase_prompts)
+    _check_prompt_list("locality_prompts", locality_prompts)

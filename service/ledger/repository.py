@@ -20,7 +20,7 @@ from typing import Any
 from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
-from service.errors import Conflict, InvalidRequest, LedgerCorrupt, NotFound
+from service.errors import Conflict, InvalidRequest, LedgerCorrupt, NotFound, Overloaded
 from service.ledger.codec import StoredFactor, decode_array, factor_checksum
 from service.ledger.models import (
     EDIT_STATUSES,
@@ -161,9 +161,36 @@ def _finish(session: Session, op: Operation, checksums: Sequence[tuple[int, str]
 # --------------------------------------------------------------------------- requests (API side)
 
 
+@dataclass(frozen=True)
+class QueueBound:
+    """Most unfinished operations the ledger takes, in all and per requester; None: no bound."""
+
+    total: int | None = None
+    per_requester: int | None = None
+
+
+def _check_bound(session: Session, bound: QueueBound, requested_by: str, adding: int) -> None:
+    """Overloaded (429) when `adding` edits would pass a bound; checked under the ledger lock."""
+    if bound.total is not None:
+        pending = queue_depth(session)
+        if pending + adding > bound.total:
+            raise Overloaded(f"the edit queue is full: {pending} operations wait and this server takes at most "
+                             f"{bound.total} (KNOWPATCH_MAX_QUEUED); retry later; nothing was written")
+    if bound.per_requester is not None:
+        mine = select(func.count()).select_from(Operation).join(Edit, Edit.id == Operation.edit_id).where(
+            Operation.status.in_(PENDING), Operation.kind == "apply", Edit.requested_by == requested_by)
+        pending = int(session.scalar(mine) or 0)
+        if pending + adding > bound.per_requester:
+            raise Overloaded(f"{requested_by} has {pending} edits waiting and may have at most {bound.per_requester} "
+                             "(KNOWPATCH_MAX_QUEUED_PER_KEY); retry once some are applied; nothing was written")
+
+
 def create_edits(session: Session, requests: list[dict[str, Any]], *, subjects: list[str], requested_by: str,
-                 method: str, idempotency_key: str | None) -> list[Edit]:
-    """Record edits as queued, one 'apply' op each, in list order. Honors an Idempotency-Key."""
+                 method: str, idempotency_key: str | None,
+                 bound: QueueBound | None = None) -> tuple[list[Edit], bool]:
+    """Record edits as queued, one 'apply' op each, in list order. Honors an Idempotency-Key: returns
+    the edits and whether they are an earlier request's (decided under the ledger lock, so two
+    concurrent requests with one key cannot both create or both publish)."""
     if not requests:
         raise InvalidRequest("no edits given: send at least one edit")
     if len(subjects) != len(requests):
@@ -181,8 +208,10 @@ def create_edits(session: Session, requests: list[dict[str, Any]], *, subjects: 
                 )
             edits = session.scalars(select(Edit).where(Edit.id.in_(earlier.edit_ids))).all()
             by_id = {e.id: e for e in edits}
-            return [by_id[i] for i in earlier.edit_ids]
+            return [by_id[i] for i in earlier.edit_ids], True
 
+    if bound is not None:
+        _check_bound(session, bound, requested_by, len(requests))
     now = utcnow()
     created: list[Edit] = []
     for request, subject in zip(requests, subjects):
@@ -200,7 +229,7 @@ def create_edits(session: Session, requests: list[dict[str, Any]], *, subjects: 
         session.add(IdempotencyKey(requested_by=requested_by, key=idempotency_key, request_hash=request_hash,
                                    edit_ids=[e.id for e in created], created_at=now))
     session.flush()
-    return created
+    return created, False
 
 
 def get_edit(session: Session, edit_id: str) -> Edit:
@@ -266,6 +295,26 @@ def queue_position(session: Session, edit: Edit) -> int | None:
         return None
     ahead = select(func.count()).select_from(Operation).where(Operation.status.in_(PENDING), Operation.seq < edit.seq)
     return int(session.scalar(ahead) or 0)
+
+
+def operations_ahead(session: Session, seq: int) -> int:
+    """Unfinished operations before `seq` (queue_position does this for an edit's own apply)."""
+    ahead = select(func.count()).select_from(Operation).where(Operation.status.in_(PENDING), Operation.seq < seq)
+    return int(session.scalar(ahead) or 0)
+
+
+def recent_apply_seconds(session: Session, window: int) -> list[float]:
+    """Seconds from each of the last `window` applied edits' last 'applying' event to its 'applied'
+    event, newest first: the worker's time to compute and record the edit's batch, not its wait."""
+    applied = list(session.scalars(
+        select(EditEvent).where(EditEvent.event == "applied").order_by(EditEvent.id.desc()).limit(window)
+    ))
+    starts: dict[str, EditEvent] = {}
+    claims = select(EditEvent).where(EditEvent.event == "applying",
+                                     EditEvent.edit_id.in_([e.edit_id for e in applied])).order_by(EditEvent.id)
+    for event in session.scalars(claims):
+        starts[event.edit_id] = event  # the last claim wins (an earlier one may have crashed)
+    return [(e.at - starts[e.edit_id].at).total_seconds() for e in applied if e.edit_id in starts]
 
 
 def request_rollback(session: Session, edit_id: str, *, reason: str, actor: str) -> Operation:

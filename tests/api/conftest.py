@@ -34,6 +34,8 @@ from workers.inference import LocalBackend
 from workers.server import create_worker_app
 
 # alice writes and generates, root administers, gen only generates.
+INTERNAL_TOKEN = "internal-token-of-the-tests"
+MAX_NEW_TOKENS_LIMIT = 512
 API_KEYS = "alice:alice-key:edits:write,generate;root:root-key:edits:admin;gen:gen-key:generate"
 KEYS = {"alice": "alice-key", "root": "root-key", "gen": "gen-key"}
 # How long the backends wait for a min_model_version before answering 503.
@@ -194,5 +196,5 @@ def local_backend(editor: Editor) -> LocalBackend:
 @pytest.fixture(scope="package")
 def worker_url(local_backend: LocalBackend) -> Iterator[str]:
     """The worker's internal server (split deployment) over `local_backend`, on a loopback port."""
-    with serve(create_worker_app(local_backend)) as url:
+    with serve(create_worker_app(local_backend, token=INTERNAL_TOKEN, max_new_tokens_limit=MAX_NEW_TOKENS_LIMIT)) as url:
         yield url

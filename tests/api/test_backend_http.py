@@ -14,6 +14,7 @@ import pytest
 
 from api.backend_http import HttpBackend
 from service.errors import InvalidRequest, KnowpatchError, Unavailable
+from tests.api.conftest import INTERNAL_TOKEN, MAX_NEW_TOKENS_LIMIT
 from service.inference import GenerateParams, InferenceBackend, StreamEvent
 from workers.inference import LocalBackend
 
@@ -24,7 +25,7 @@ PROMPT = "The Eiffel Tower is located in the city of"
 
 def on_worker(worker_url: str, call: Callable[[HttpBackend], Awaitable[T]]) -> T:
     async def run() -> T:
-        backend = HttpBackend(worker_url, timeout=10)
+        backend = HttpBackend(worker_url, timeout=10, token=INTERNAL_TOKEN)
         try:
             return await call(backend)
         finally:
@@ -112,8 +113,48 @@ def test_unreachable_worker() -> None:
         on_worker("http://127.0.0.1:9", lambda b: b.info())
 
 
+@pytest.mark.parametrize("path", ["/internal/generate", "/internal/generate_stream", "/internal/score",
+                                  "/internal/chat_prompt", "/internal/info"])
+@pytest.mark.parametrize("authorization", [None, "Bearer wrong-token-of-the-tests", f"Basic {INTERNAL_TOKEN}",
+                                           f"Bearer {INTERNAL_TOKEN}x"])
+def test_internal_routes_need_the_token(worker_url: str, path: str, authorization: str | None) -> None:
+    headers = {"Authorization": authorization} if authorization else {}
+    reply = httpx.request("GET" if path.endswith("info") else "POST", f"{worker_url}{path}",
+                          json={"inputs": PROMPT}, headers=headers)
+    assert reply.status_code == 401 and reply.json()["error"]["type"] == "Unauthorized"
+    assert INTERNAL_TOKEN not in reply.text
+
+
+def test_a_wrong_token_is_the_deployment_s_fault(worker_url: str) -> None:
+    async def call() -> None:
+        backend = HttpBackend(worker_url, timeout=10, token="another-token-entirely")
+        try:
+            await backend.info()
+        finally:
+            await backend.aclose()
+
+    with pytest.raises(Unavailable, match="refused the API's internal token: set the same KNOWPATCH_INTERNAL_TOKEN"):
+        asyncio.run(call())
+
+
+@pytest.mark.parametrize(("path", "body", "message"), [
+    ("/internal/generate", {"inputs": PROMPT, "max_new_tokens": MAX_NEW_TOKENS_LIMIT + 1}, "allows at most 512"),
+    ("/internal/generate_stream", {"inputs": PROMPT, "max_new_tokens": 10**6}, "allows at most 512"),
+    ("/internal/generate", {"inputs": "x" * 8001}, "inputs"),
+    ("/internal/generate", {"inputs": PROMPT, "stop": ["a"] * 9}, "stop"),
+    ("/internal/score", {"prompt": PROMPT, "candidates": ["a"] * 33}, "candidates"),
+    ("/internal/chat_prompt", {"messages": []}, "messages"),
+    ("/internal/generate", {"inputs": PROMPT, "evil": 1}, "evil"),
+])
+def test_internal_routes_keep_the_public_limits(worker_url: str, path: str, body: dict[str, Any],
+                                                message: str) -> None:
+    reply = httpx.post(f"{worker_url}{path}", json=body, headers={"Authorization": f"Bearer {INTERNAL_TOKEN}"})
+    assert reply.status_code == 422, reply.text
+    assert reply.json()["error"]["type"] == "InvalidRequest" and message in reply.json()["error"]["message"]
+
+
 def mocked(handler: Handler) -> HttpBackend:
-    return HttpBackend("http://worker:8001", timeout=5, transport=httpx.MockTransport(handler))
+    return HttpBackend("http://worker:8001", timeout=5, token=INTERNAL_TOKEN, transport=httpx.MockTransport(handler))
 
 
 @pytest.mark.parametrize(("reply", "error", "message"), [

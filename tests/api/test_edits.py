@@ -85,6 +85,23 @@ def test_idempotency_key_replays_and_refuses_a_different_body(any_ledger_api: Ap
     assert root.post("/edits", json=body, headers=key).status_code == 202
 
 
+def test_the_queue_is_bounded_in_all_and_per_key(make_api: ApiFactory, ledger_url: str) -> None:
+    api = make_api(ledger_url, max_queued=4, max_queued_per_key=3)
+    assert api.client.post("/edits", json={"edits": [edit_body(), edit_body()]}).status_code == 202
+    before = api.counts()
+    refused = api.client.post("/edits", json={"edits": [edit_body(), edit_body()]})  # alice: 2 + 2 > 3
+    assert refused.status_code == 429 and refused.headers["Retry-After"].isdigit()
+    assert refused.json()["error"]["type"] == "Overloaded" and "KNOWPATCH_MAX_QUEUED_PER_KEY" in refused.text
+    assert api.counts() == before and api.queue.depth() == 2  # nothing written, nothing published
+    root = api.as_("root")
+    assert root.post("/edits", json={"edits": [edit_body(), edit_body()]}).status_code == 202  # 4 in all
+    full = root.post("/edits", json=edit_body())
+    assert full.status_code == 429 and "KNOWPATCH_MAX_QUEUED)" in full.text
+    first = api.client.get("/edits", params={"limit": 1}).json()["items"][0]["id"]
+    assert root.delete(f"/edits/{first}").status_code == 200  # a cancelled edit frees its place
+    assert root.post("/edits", json=edit_body()).status_code == 202
+
+
 def test_list_filters_and_pages_with_a_cursor(api: Api) -> None:
     ids = [api.client.post("/edits", json=edit_body("Colosseum" if i % 2 else None)).json()["id"] for i in range(5)]
     api.client.delete(f"/edits/{ids[0]}")
@@ -142,8 +159,8 @@ def test_rollback_is_refused_while_queued_and_queued_once_applied(any_ledger_api
     assert root.post(f"/edits/{edit_id}/rollback", json={}).status_code == 422
     reply = root.post(f"/edits/{edit_id}/rollback", json={"reason": "KB-1 was wrong"})
     assert reply.status_code == 202, reply.text
-    assert reply.json() == {"id": edit_id, "status": "applied", "rollback_seq": reply.json()["rollback_seq"],
-                            "queue_position": 0}
+    assert reply.json() == {"id": edit_id, "status": "queued", "edit_status": "applied",
+                            "rollback_seq": reply.json()["rollback_seq"], "queue_position": 0}
     assert root.post(f"/edits/{edit_id}/rollback", json={"reason": "again"}).status_code == 409
     assert reply.json()["rollback_seq"] in api.queue.pending_seqs()
     history = api.client.get(f"/edits/{edit_id}").json()["history"]

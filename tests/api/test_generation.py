@@ -16,7 +16,7 @@ import torch
 from api.backend_http import HttpBackend
 from service.engine.editor import Editor
 from service.inference import GenerateParams
-from tests.api.conftest import VERSION_WAIT_S, Api, ApiRunner, local_port
+from tests.api.conftest import INTERNAL_TOKEN, VERSION_WAIT_S, Api, ApiRunner, local_port
 from workers.generation import generate_text
 from workers.inference import LocalBackend
 
@@ -37,7 +37,7 @@ def api(request: pytest.FixtureRequest, module_runner: ApiRunner, local_backend:
     """The API over the in-process backend, or over HttpBackend and the worker's internal server."""
     if request.param == "local":
         return module_runner.start(backend=local_backend, max_new_tokens_limit=MAX_NEW_TOKENS_LIMIT)
-    backend = HttpBackend(request.getfixturevalue("worker_url"), timeout=10)
+    backend = HttpBackend(request.getfixturevalue("worker_url"), timeout=10, token=INTERNAL_TOKEN)
     return module_runner.start(backend=backend, lifespan_hooks=[backend.lifespan],
                                max_new_tokens_limit=MAX_NEW_TOKENS_LIMIT)
 
@@ -323,7 +323,7 @@ def test_min_model_version_going_live_while_waiting_is_served(module_runner: Api
 
 
 def test_unreachable_worker_is_503(module_runner: ApiRunner) -> None:
-    api = module_runner.start(backend=HttpBackend("http://127.0.0.1:9", timeout=2))
+    api = module_runner.start(backend=HttpBackend("http://127.0.0.1:9", timeout=2, token=INTERNAL_TOKEN))
     reply = api.client.post("/generate", json={"inputs": "x"})
     assert reply.status_code == 503
     assert "worker at http://127.0.0.1:9 is not reachable" in reply.json()["error"]["message"]

@@ -83,11 +83,11 @@ def test_factor_shapes_and_exact_revert(editors, tiny):
     for edit in update.edits:
         for layer, factor in edit.layers.items():
             assert factor.r.shape == (d_out,) and factor.a.shape == (d_in,) and factor.k.shape == (d_in,)
-    editor.commit(update, version=1)
+    editor.install(editor.plan_commit(update), 1)
     second = editor.compute(REQUESTS[2:], ["c"], "batch-2")
-    editor.commit(second, version=2)
+    editor.install(editor.plan_commit(second), 2)
     assert any(not torch.equal(base[l], adapter.edited_module(l).weight) for l in editor.layers)
-    editor.revert("a", version=3)
+    editor.install(editor.plan_revert("a"), 3)
     fresh = Editor(tiny, HP, editor.second_moments, method="alphaedit", templates=editor.templates)
     fresh.load([e for e in update.edits + second.edits if e.edit_id != "a"], version=3)
     for layer in editor.layers:  # revert == recomposition from scratch, bit for bit
@@ -95,8 +95,8 @@ def test_factor_shapes_and_exact_revert(editors, tiny):
         # C_p is a float64 running sum (exact up to rounding): it shapes later edits only
         torch.testing.assert_close(fresh.store.prior(layer), editor.store.prior(layer), rtol=1e-12, atol=1e-12)
     fresh.close()
-    editor.revert("b", version=4)
-    editor.revert("c", version=5)
+    editor.install(editor.plan_revert("b"), 4)
+    editor.install(editor.plan_revert("c"), 5)
     for layer in editor.layers:
         assert torch.equal(base[layer], adapter.edited_module(layer).weight)
         assert float(editor.store.prior(layer).abs().max()) < 1e-9

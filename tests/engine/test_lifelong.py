@@ -79,11 +79,11 @@ def test_norm_penalty_keeps_revert_exact_and_weights_a_function_of_the_ledger(sm
         updates = []
         for version, (requests, ids) in enumerate(batches, start=1):
             updates.append(editor.compute(requests, ids, f"batch-{version}"))
-            editor.commit(updates[-1], version)
-            plain.commit(plain.compute(requests, ids, f"batch-{version}"), version)
+            editor.install(editor.plan_commit(updates[-1]), version)
+            plain.install(plain.plan_commit(plain.compute(requests, ids, f"batch-{version}")), version)
         norm = {layer: float(editor.store.accumulated(layer).norm()) for layer in editor.layers}
         assert sum(norm.values()) < sum(float(plain.store.accumulated(layer).norm()) for layer in plain.layers)
-        editor.revert("a", version=4)
+        editor.install(editor.plan_revert("a"), 4)
         fresh = Editor(tiny_model("llama", smollm2.tokenizer), hp, moments, method=method, templates=editor.templates)
         fresh.load([e for u in updates for e in u.edits if e.edit_id != "a"], version=4)
         for layer in editor.layers:

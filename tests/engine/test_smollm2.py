@@ -46,12 +46,12 @@ def test_eiffel_tower_to_rome_and_back(smollm2):
         base = {layer: editor.adapter.edited_module(layer).weight.detach().clone() for layer in editor.layers}
         assert _prefers(editor, EIFFEL.prompt, "Paris", "Rome")
         update = editor.compute([EIFFEL], ["eiffel"], "b1")
-        editor.commit(update, version=1)
+        editor.install(editor.plan_commit(update), 1)
         assert _prefers(editor, EIFFEL.prompt, "Rome", "Paris")
         assert _prefers(editor, EIFFEL.rephrase_prompts[0], "Rome", "Paris")
         assert "Rome" in _greedy(editor, EIFFEL.prompt)
         assert "Paris" in _greedy(editor, "The capital of France is")
-        editor.revert("eiffel", version=2)
+        editor.install(editor.plan_revert("eiffel"), 2)
         for layer in editor.layers:
             assert torch.equal(editor.adapter.edited_module(layer).weight, base[layer])
         assert "Paris" in _greedy(editor, EIFFEL.prompt)
@@ -68,7 +68,7 @@ def _sequential_scores(smollm2, method: str, cases: list[dict]) -> tuple[float, 
     try:
         for i, case in enumerate(cases):
             request = EditRequest(case["subject"], case["prompt"], case["target_new"], case["ground_truth"])
-            editor.commit(editor.compute([request], [f"cf-{i}"], f"b{i}"), version=i + 1)
+            editor.install(editor.plan_commit(editor.compute([request], [f"cf-{i}"], f"b{i}")), i + 1)
         efficacy = sum(_prefers(editor, c["prompt"], c["target_new"], c["ground_truth"]) for c in cases)
         specificity = sum(
             _prefers(editor, c["locality_prompt"], c["locality_ground_truth"], c["target_new"]) for c in cases
@@ -77,7 +77,7 @@ def _sequential_scores(smollm2, method: str, cases: list[dict]) -> tuple[float, 
     finally:
         # leave the shared model as loaded for the other tests
         for edit_id in list(editor.store.edit_ids):
-            editor.revert(edit_id, version=editor.version + 1)
+            editor.install(editor.plan_revert(edit_id), editor.version + 1)
         editor.close()
 
 

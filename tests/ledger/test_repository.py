@@ -34,7 +34,7 @@ def request(subject: str, target: str = "Paris") -> dict:
 
 def create(db: sessionmaker[Session], *subjects: str, key: str | None = None, by: str = "alice") -> list[str]:
     with db.begin() as s:
-        edits = repo.create_edits(s, [request(x) for x in subjects], subjects=list(subjects), requested_by=by,
+        edits, _ = repo.create_edits(s, [request(x) for x in subjects], subjects=list(subjects), requested_by=by,
                                   method="alphaedit", idempotency_key=key)
         return [e.id for e in edits]
 
@@ -142,6 +142,34 @@ def test_idempotency_key(db: sessionmaker[Session]) -> None:
         create(db, "A", "C", key="k1")
     other = create(db, "A", "B", key="k1", by="carol")  # keys are per requester
     assert set(other).isdisjoint(first)
+
+
+def test_concurrent_requests_with_one_key_create_once(db: sessionmaker[Session]) -> None:
+    """The replay is decided under the ledger lock: the second request, waiting behind the first's
+    open transaction, gets the first's edits and is told it is a replay (so it does not publish)."""
+    first = db()
+    first.begin()
+    created, replayed = repo.create_edits(first, [request("A")], subjects=["A"], requested_by="a",
+                                          method="alphaedit", idempotency_key="k")
+    assert not replayed
+    first_id = created[0].id
+    result: list[tuple[list[str], bool]] = []
+
+    def second() -> None:
+        with db.begin() as s:
+            edits, again = repo.create_edits(s, [request("A")], subjects=["A"], requested_by="a",
+                                             method="alphaedit", idempotency_key="k")
+            result.append(([e.id for e in edits], again))
+
+    thread = threading.Thread(target=second)
+    thread.start()
+    thread.join(0.3)
+    first.commit()
+    first.close()
+    thread.join(10)
+    assert result == [([first_id], True)]
+    with db() as s:
+        assert repo.queue_depth(s) == 1
 
 
 def test_get_edit_not_found(db: sessionmaker[Session]) -> None:

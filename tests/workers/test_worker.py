@@ -349,7 +349,7 @@ def test_a_hung_then_lost_redis_is_reported_and_waited_out(parts, sessions, redi
         assert stopped == "the worker loop has stopped (the worker is shutting down): edits are not applied"
         ready = asyncio.run(readiness(sessions, queue, backend))  # what the API's /ready answers
         assert not ready.ready and ready.checks["backend"] == stopped
-        with serve(create_worker_app(backend)) as url:  # the worker's own /ready
+        with serve(create_worker_app(backend, token="t" * 16, max_new_tokens_limit=64)) as url:  # the worker's own /ready
             reply = httpx.get(f"{url}/ready")
             assert reply.status_code == 503 and reply.json() == {"ready": False, "message": stopped}
     finally:
