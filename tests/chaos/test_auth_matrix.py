@@ -23,7 +23,7 @@ SCOPES_OF_KEYS = {"writer": {"edits:write", "generate"}, "admin": {"edits:admin"
                   "generator": {"generate"}, "everything": {"edits:admin", "edits:write", "generate"}}
 # The worker's internal server (workers/server.py): what the API forwards to it.
 INTERNAL = [("POST", "/internal/generate"), ("POST", "/internal/generate_stream"), ("POST", "/internal/score"),
-            ("POST", "/internal/chat_prompt"), ("GET", "/internal/info"), ("GET", "/internal/no-such-route")]
+            ("POST", "/internal/chat_prompt"), ("GET", "/internal/info")]
 WRONG_KEYS = [f"kp-wrong-{secrets.token_urlsafe(12)}" for _ in range(2)]
 
 
@@ -123,6 +123,8 @@ def test_the_workers_internal_routes_need_the_internal_token(cluster: Cluster) -
                                   json={"inputs": "hi", "prompt": "a", "candidates": ["b"], "messages": []})
             assert reply.status_code == 401, (method, path, reply.status_code, reply.text[:200])
             _assert_not_echoed(reply, _presented(cluster))
+    unknown = httpx.get(f"{cluster.worker_url}/internal/no-such-route", timeout=30)
+    assert unknown.status_code in (401, 404), unknown.text  # never served
     for path in ("/health", "/ready"):  # probes answer anyone
         assert httpx.get(f"{cluster.worker_url}{path}", timeout=30).status_code == 200
 

@@ -84,8 +84,8 @@ def relative_growth(editor: Editor) -> dict[int, float]:
 
 def _submit_and_drain(worker: Worker, sessions, requests: list[dict]) -> list[str]:
     with sessions() as session:
-        edits = repo.create_edits(session, requests, subjects=[r["subject"] for r in requests], requested_by="test",
-                                  method="alphaedit", idempotency_key=None)
+        edits, _ = repo.create_edits(session, requests, subjects=[r["subject"] for r in requests], requested_by="test",
+                                     method="alphaedit", idempotency_key=None)
         session.commit()
         ids = [e.id for e in edits]
     while worker.process_next():
