@@ -60,8 +60,9 @@ class GenerateCall(_Body):
 
 
 class ScoreCall(_Body):
-    prompt: str = Field(min_length=1, max_length=MAX_INPUT_CHARS)
-    candidates: list[str] = Field(min_length=1, max_length=MAX_CANDIDATES)
+    # No lower bounds: the backend refuses an empty prompt or list in its own words, on both deployments.
+    prompt: str = Field(max_length=MAX_INPUT_CHARS)
+    candidates: list[str] = Field(max_length=MAX_CANDIDATES)
     min_model_version: int | None = None
 
 
