@@ -69,7 +69,8 @@ async def readiness(ledger: sessionmaker[Session], queue: OperationQueue,
               "queue": (await _ask(_in_thread(queue.ping)))[1], "backend": backend_check}
     failing = [f"{name}: {why}" for name, why in checks.items() if why != OK]
     message = "not ready: " + "; ".join(failing) if failing else "ready"
-    return Readiness(ready=not failing, checks=checks, message=message)
+    progress = info.details.get("progress") if info is not None and not info.ready else None
+    return Readiness(ready=not failing, checks=checks, message=message, progress=progress or None)
 
 
 async def info(settings: Settings, ledger: sessionmaker[Session], queue: OperationQueue,

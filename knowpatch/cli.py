@@ -10,13 +10,17 @@ import hashlib
 import ipaddress
 import logging
 import os
+import signal
 import socket
 import sys
 import threading
+import time
 from pathlib import Path
 
 from service.config import Settings, internal_token
 from service.errors import KnowpatchError
+from service.progress import Progress
+from service.starting import StartingBackend
 
 log = logging.getLogger("knowpatch")
 
@@ -57,20 +61,55 @@ def snapshot_path(settings: Settings) -> Path:
     return settings.cache_dir / "snapshots" / f"factor-store-{key}.pt"
 
 
-def _start_worker(settings: Settings, sessions, queue):
+def _start_worker(settings: Settings, sessions, queue, tracker: Progress | None = None):
     from service.bootstrap import build_editor
     from workers.inference import LocalBackend
     from workers.worker import Worker
 
-    editor = build_editor(settings, keep_factors=False)
+    tracker = tracker or Progress()
+    editor = build_editor(settings, keep_factors=False, tracker=tracker)
     worker = Worker(editor, sessions, queue, batch_size=settings.batch_size, fault_injection=settings.fault_injection,
                     snapshot_path=snapshot_path(settings))
+    tracker.phase("replaying the ledger")
     worker.start()
     stop = threading.Event()
     thread = threading.Thread(target=worker.run, args=(stop,), name="knowpatch-worker", daemon=True)
     thread.start()
     backend = LocalBackend(editor, version_wait_s=settings.version_wait_s, not_ready=worker.not_ready)
     return backend, stop, thread
+
+
+class _BackgroundStart:
+    """`_start_worker` in a thread while the API already listens: /ready reports the phase, model routes
+    answer 503 through `holder` until it is done. A failed start stops the server (SIGTERM to this process)."""
+
+    def __init__(self, settings: Settings, sessions, queue) -> None:
+        self.progress = Progress()
+        self.holder = StartingBackend(settings.model, self.progress)
+        self.worker: tuple[threading.Event, threading.Thread] | None = None
+        self._thread = threading.Thread(target=self._run, args=(settings, sessions, queue),
+                                         name="knowpatch-start", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self, settings: Settings, sessions, queue) -> None:
+        try:
+            backend, stop, thread = _start_worker(settings, sessions, queue, self.progress)
+        except BaseException as exc:
+            log.exception("the start failed")
+            self.holder.fail(exc.message if isinstance(exc, KnowpatchError) else f"{type(exc).__name__}: {exc}")
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        self.worker = (stop, thread)
+        self.holder.ready(backend)
+        log.info("ready: started in %.1f s", time.monotonic() - self.progress.started)
+
+    def stop(self) -> None:
+        if self.worker is not None:
+            stop, thread = self.worker
+            stop.set()
+            thread.join(timeout=60)
 
 
 def _ledger(settings: Settings, migrate_first: bool):
@@ -94,15 +133,16 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     _check_exposure(args.host, settings)
     sessions = _ledger(settings, migrate_first=True)
     queue = LocalQueue()
-    backend, stop, thread = _start_worker(settings, sessions, queue)
-    app = create_app(settings, session_factory=sessions, queue=queue, backend=backend)
-    log.info("knowpatch serving on http://%s:%d (ledger %s)", args.host, args.port, settings.resolved_database_url())
+    start = _BackgroundStart(settings, sessions, queue)
+    app = create_app(settings, session_factory=sessions, queue=queue, backend=start.holder)
+    log.info("knowpatch serving on http://%s:%d (ledger %s); the model loads behind it, /ready reports how far",
+             args.host, args.port, settings.resolved_database_url())
+    start.start()
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     finally:
-        stop.set()
-        thread.join(timeout=60)
-    return 0
+        start.stop()
+    return 1 if start.holder.failed is not None else 0
 
 
 def _redis_queue(settings: Settings):

@@ -8,6 +8,7 @@ from service.engine.corpus import Corpus, SelfGeneratedCorpus, TextCorpus
 from service.engine.editor import Editor
 from service.engine.types import HyperParams, load_hparams
 from service.model.loading import LoadedModel, load_model
+from service.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -40,13 +41,16 @@ def load_from(settings: Settings) -> LoadedModel:
 
 
 def build_editor(settings: Settings, progress: bool = True, keep_factors: bool = True,
-                 loaded: LoadedModel | None = None) -> Editor:
+                 loaded: LoadedModel | None = None, tracker: Progress | None = None) -> Editor:
     """`keep_factors=False` for a worker: the ledger holds every edit's factors, the editor only sums.
-    `loaded`: the model already loaded by `load_from(settings)` (the evaluation times the two apart)."""
+    `loaded`: the model already loaded by `load_from(settings)` (the evaluation times the two apart).
+    `tracker`: told of each phase (loading, statistics, null space) for /ready and the log."""
+    tracker = tracker or Progress()
     if loaded is None:
+        tracker.phase("loading the model (converting it on the first start)")
         loaded = load_from(settings)
     hparams = hparams_from(settings)
     log.info("model %s loaded (%s); preparing key statistics over corpus %r", settings.model, loaded.fingerprint, settings.corpus)
     corpus = corpus_from(settings.corpus, loaded, seed=hparams.context_seed)
-    return Editor.create(loaded, hparams, corpus, settings.cache_dir,
-                         method=settings.method, progress=progress, keep_factors=keep_factors)
+    return Editor.create(loaded, hparams, corpus, settings.cache_dir, method=settings.method,
+                         progress=progress, keep_factors=keep_factors, tracker=tracker)

@@ -25,7 +25,7 @@ def health() -> Health:
 async def ready(request: Request, ledger: LedgerDep, queue: QueueDep) -> JSONResponse:
     """200 when the ledger and queue answer and the model is loaded with the ledger replayed; else 503."""
     result = await probes.readiness(ledger, queue, request.app.state.backend)
-    return JSONResponse(result.model_dump(), status_code=200 if result.ready else 503)
+    return JSONResponse(result.model_dump(exclude_none=True), status_code=200 if result.ready else 503)
 
 
 @router.get("/info", response_model=Info)

@@ -20,6 +20,8 @@ class Readiness(BaseModel):
     ready: bool
     checks: dict[str, str] = Field(description="'ok', or why that part is not ready")
     message: str
+    progress: dict[str, Any] | None = Field(default=None, description=(
+        "while the model loads: the start's phase, done, total, unit, elapsed_s and eta_s (from the rate so far)"))
 
 
 class LedgerHead(BaseModel):

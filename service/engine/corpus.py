@@ -2,12 +2,16 @@
 from __future__ import annotations
 
 import hashlib
+import logging
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
 
 # Openings for the model's own text: varied registers and topics, so the keys it produces
 # cover ordinary language rather than one genre. Fixed, so the corpus is reproducible.
@@ -71,11 +75,16 @@ class SelfGeneratedCorpus:
         self.fingerprint = "self-" + hashlib.sha256(settings.encode()).hexdigest()[:16]
 
     def documents(self, tokenizer: PreTrainedTokenizerBase) -> Iterator[list[int]]:
-        round_ = 0
+        round_, batches = 0, 0
         while True:  # the caller's token budget ends it
             for start in range(0, len(SELF_PROMPTS), self.batch_size):
                 prompts = SELF_PROMPTS[start : start + self.batch_size]
-                yield from self._sample(tokenizer, prompts, self.seed * 1_000_003 + round_ * 1009 + start)
+                began = time.perf_counter()
+                documents = list(self._sample(tokenizer, prompts, self.seed * 1_000_003 + round_ * 1009 + start))
+                batches += 1
+                log.info("self corpus: batch %d generated, %d documents, %d tokens in %.1f s", batches,
+                         len(documents), sum(map(len, documents)), time.perf_counter() - began)
+                yield from documents
             round_ += 1
 
     @torch.no_grad()

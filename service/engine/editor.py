@@ -27,13 +27,15 @@ from service.engine.factors import Change, EditFactors, FactorStore, LayerFactor
 from service.engine.keys import key_rows, keys_and_outputs
 from service.engine.projector import NullSpace, null_space
 from service.engine.scoring import Score, continuation_row, score_rows
-from service.engine.stats import cached_second_moments
+from service.engine.nullspace_cache import cached_null_spaces
+from service.engine.stats import cache_path, cached_second_moments
 from service.engine.templates import context_templates
 from service.engine.trace import LayerTrace, Pending
 from service.engine.types import EditRequest, HyperParams, Method, RequestMetrics
 from service.errors import Conflict, EditFailed
 from service.model.adapters import ModelAdapter, default_layers
 from service.model.loading import LoadedModel
+from service.progress import Progress
 from service.swap_gate import SwapGate
 
 log = logging.getLogger(__name__)
@@ -70,7 +72,10 @@ class Editor:
         method: Method = "alphaedit",
         templates: list[str] | None = None,
         keep_factors: bool = True,
+        null_spaces: dict[int, NullSpace] | None = None,
     ) -> None:
+        """`null_spaces`: already computed from these second moments and hparams' rule (the cached ones
+        of `create`); by default computed here."""
         self.loaded = loaded
         self.model, self.tokenizer = loaded.model, loaded.tokenizer
         self.adapter = ModelAdapter(loaded.model)
@@ -80,7 +85,7 @@ class Editor:
         self.method = method
         device = self.adapter.head.weight.device  # the solves run where the model is, in float64
         self.second_moments = {layer: second_moments[layer].to(device) for layer in layers}
-        self.null_spaces: dict[int, NullSpace] = {
+        self.null_spaces: dict[int, NullSpace] = null_spaces or {
             layer: null_space(self.second_moments[layer], hparams.nullspace_threshold, hparams.nullspace_energy)
             for layer in layers
         }
@@ -99,20 +104,33 @@ class Editor:
     def create(
         cls, loaded: LoadedModel, hparams: HyperParams, corpus: Corpus, cache_dir: Path,
         method: Method = "alphaedit", progress: bool = True, keep_factors: bool = True,
+        tracker: Progress | None = None,
     ) -> "Editor":
-        """Collect (or load cached) key statistics over `corpus`, then build the editor."""
+        """Collect (or load cached) key statistics over `corpus` and their null spaces, then build the
+        editor. `tracker` hears of each phase (statistics tokens, null-space layers)."""
+        tracker = tracker or Progress()
         adapter = ModelAdapter(loaded.model)
         layers = list(hparams.layers) or default_layers(adapter.num_layers)
         trace = LayerTrace(adapter, layers)
+        tracker.phase("key statistics", hparams.stats_tokens, "tokens")
         try:
             moments = cached_second_moments(
                 adapter, trace, loaded.tokenizer, corpus, layers, model_fingerprint=loaded.fingerprint,
                 cache_dir=cache_dir, budget=hparams.stats_tokens, seq_len=hparams.stats_seq_len,
-                batch_size=hparams.stats_batch_size, progress=progress,
+                batch_size=hparams.stats_batch_size, progress=progress, on_tokens=tracker.advance,
             )
         finally:
             trace.close()
-        return cls(loaded, hparams.with_overrides(layers=layers), moments, method, keep_factors=keep_factors)
+        null_spaces = None
+        if method == "alphaedit":
+            tracker.phase("null space", len(layers), "layers")
+            stats_paths = {layer: cache_path(cache_dir, loaded.fingerprint, layer, corpus.fingerprint,
+                                             hparams.stats_tokens, hparams.stats_seq_len) for layer in layers}
+            null_spaces = cached_null_spaces(moments, stats_paths, hparams.nullspace_threshold,
+                                             hparams.nullspace_energy, adapter.head.weight.device, tracker.advance)
+        tracker.phase("context templates")
+        return cls(loaded, hparams.with_overrides(layers=layers), moments, method, keep_factors=keep_factors,
+                   null_spaces=null_spaces)
 
     def _check_null_spaces(self) -> None:
         if self.method != "alphaedit":

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -37,6 +37,7 @@ def collect_second_moments(
     seq_len: int = 256,
     batch_size: int = 8,
     progress: bool = True,
+    on_tokens: Callable[[int], None] = lambda n: None,
 ) -> dict[int, torch.Tensor]:
     """C0 per layer (d_in, d_in) float64, averaged over every token of the first `budget` tokens."""
     layers = sorted(layers)
@@ -56,6 +57,7 @@ def collect_second_moments(
                 sums[layer] = sums[layer] + moment if layer in sums else moment
             count += ids.numel()
             bar.update(ids.numel())
+            on_tokens(ids.numel())
     if count == 0:
         raise ValueError("the corpus produced no tokens")
     log.info("key statistics over %d tokens for layers %s", count, layers)
@@ -75,6 +77,7 @@ def cached_second_moments(
     seq_len: int = 256,
     batch_size: int = 8,
     progress: bool = True,
+    on_tokens: Callable[[int], None] = lambda n: None,
 ) -> dict[int, torch.Tensor]:
     """As `collect_second_moments`, reusing and filling the on-disk cache per layer."""
     paths = {
@@ -84,15 +87,16 @@ def cached_second_moments(
     result = {layer: torch.load(path) for layer, path in paths.items() if path.is_file()}
     missing = [layer for layer in paths if layer not in result]
     if missing:
-        fresh = collect_second_moments(adapter, trace, tokenizer, corpus, missing, budget, seq_len, batch_size, progress)
+        fresh = collect_second_moments(adapter, trace, tokenizer, corpus, missing, budget, seq_len, batch_size, progress,
+                                       on_tokens)
         for layer, moment in fresh.items():
-            _save_atomic(moment, paths[layer])
+            save_atomic(moment, paths[layer])
         result.update(fresh)
     return result
 
 
-def _save_atomic(tensor: torch.Tensor, path: Path) -> None:
+def save_atomic(obj: object, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    torch.save(tensor, tmp)
+    torch.save(obj, tmp)
     tmp.replace(path)

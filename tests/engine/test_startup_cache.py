@@ -1,0 +1,48 @@
+"""The null-space eigendecompositions are cached beside the key statistics: a warm start loads them."""
+from __future__ import annotations
+
+import torch
+
+from service.engine import nullspace_cache
+from service.engine.corpus import TextCorpus
+from service.engine.editor import Editor
+from service.engine.types import HyperParams
+from service.progress import Progress
+from tests.conftest import small_text
+
+from .conftest import tiny_model
+
+HP = HyperParams(layers=(1, 2), stats_tokens=64, stats_seq_len=64, nullspace_threshold=1e-9)
+
+
+def test_a_second_build_loads_the_null_spaces_bit_for_bit(smollm2, tmp_path, monkeypatch):
+    tiny = tiny_model("llama", smollm2.tokenizer)
+    calls: list[int] = []
+    real = nullspace_cache.null_space
+
+    def counting(moment: torch.Tensor, *args: object) -> object:
+        calls.append(moment.shape[0])
+        return real(moment, *args)
+
+    monkeypatch.setattr(nullspace_cache, "null_space", counting)
+    phases: list[str] = []
+    tracker = Progress()
+    monkeypatch.setattr(tracker, "phase", lambda name, *a, **k: (phases.append(name), Progress.phase(tracker, name, *a, **k)))
+
+    def build() -> Editor:
+        return Editor.create(tiny, HP, TextCorpus(small_text()), tmp_path, progress=False, tracker=tracker)
+
+    first = build()
+    assert len(calls) == 2 and len(list((tmp_path / "stats").glob("*-nullspace-t1e-09.pt"))) == 2
+    assert phases[:2] == ["key statistics", "null space"]
+    assert tracker.snapshot()["phase"] == "context templates"
+    second = build()
+    assert len(calls) == 2  # no eigendecomposition the second time
+    for layer in HP.layers:
+        assert torch.equal(first.null_spaces[layer].basis, second.null_spaces[layer].basis)
+        assert torch.equal(first.null_spaces[layer].eigenvalues, second.null_spaces[layer].eigenvalues)
+    other = Editor.create(tiny, HP.with_overrides(nullspace_threshold=1e-3), TextCorpus(small_text()), tmp_path,
+                          progress=False)
+    assert len(calls) == 4 and other.null_spaces[1].kept >= first.null_spaces[1].kept  # the threshold is in the key
+    for editor in (first, second, other):
+        editor.close()
