@@ -42,6 +42,17 @@ class Settings(BaseSettings):
         default_factory=dict, description="any further hyper-parameter by name, as JSON in the environment, e.g. "
                                           "'{\"v_lr\": 0.3}'; null unsets an optional one; applied after the fields above")
 
+    # Quality gates (per edit, POST /edits `gates` overrides the thresholds and adds probes)
+    gate_min_efficacy: float | None = Field(
+        None, ge=0, le=1, description="reject an edit whose P(target_new | prompt) after it is below this (unset: off)")
+    gate_min_generalisation: float | None = Field(
+        None, ge=0, le=1, description="reject below this mean P(target_new) over the rephrase prompts (unset: off)")
+    gate_max_locality_drop: float | None = Field(
+        None, ge=0, le=1, description="reject when P(target_new) on a locality prompt rises by more than this (unset: off)")
+    gate_probes: str = Field(
+        "default", description="facts no edit may break: 'default' (shipped set), 'none', or a JSON file "
+                               "{\"probes\": [{\"prompt\", \"expected\"}]}")
+
     # Service
     data_dir: Path = Field(Path(".knowpatch"), description="local data of the embedded deployment (SQLite ledger)")
     database_url: str | None = Field(None, description="SQLAlchemy URL; default sqlite:///<data_dir>/ledger.db")

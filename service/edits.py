@@ -10,6 +10,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
+from service.engine.gates import Gates
 from service.engine.types import EditRequest
 from service.engine.validation import check_json_text
 from service.errors import InvalidRequest
@@ -29,15 +30,20 @@ class NewEdit:
     request: EditRequest
     metadata: dict[str, Any] | None = None
     method: str | None = None
+    gates: Gates | None = None  # the edit's own quality gates, on top of the server's
 
     def __post_init__(self) -> None:
         check_json_text("metadata", self.metadata)  # stored and hashed with the request: every ledger must take it
+        if self.gates is not None:
+            check_json_text("gates", self.gates.to_dict())
 
     def stored(self) -> dict[str, Any]:
         """The request as the ledger stores (and hashes) it."""
         data = self.request.to_dict()
         if self.metadata is not None:
             data["metadata"] = self.metadata
+        if self.gates is not None:
+            data["gates"] = self.gates.to_dict()
         return data
 
 

@@ -17,7 +17,7 @@ import signal
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +25,7 @@ from sqlalchemy.orm import Session
 
 from service.engine.editor import BatchUpdate, Editor, WeightSwap
 from service.engine.factors import EditFactors
+from service.engine.gates import GateReport, Gates, Probe, evaluate, server_gates
 from service.engine.types import EditRequest, RequestMetrics
 from service.errors import KnowpatchError, LedgerCorrupt, Unavailable
 from service.ledger import repository as repo
@@ -45,6 +46,7 @@ class Job:
     edit_id: str
     request: EditRequest
     method: str
+    gates: Gates  # the server's with the edit's own on top
 
 
 @dataclass
@@ -55,7 +57,15 @@ class Computed:
     before: list[RequestMetrics]
     after: list[RequestMetrics]
     swap: WeightSwap
+    gates: list[GateReport]
+    gates_s: float
     started: float = field(default_factory=time.perf_counter)
+
+    def metrics_after(self, j: int) -> dict:
+        update = self.update
+        return self.after[j].to_dict() | {
+            "target_steps": update.steps[j], "target_nll": update.target_nll[j], "target_greedy": update.target_greedy[j],
+            "gates": self.gates[j].results, "gates_s": round(self.gates_s, 4)}
 
 
 @dataclass
@@ -73,9 +83,10 @@ class Worker:
     def __init__(
         self, editor: Editor, session_factory: Callable[[], Session], queue: OperationQueue, *,
         batch_size: int = 8, fault_injection: str | None = None, snapshot_path: Path | None = None,
-        snapshot_every: int = 1000, max_attempts: int = 3,
+        snapshot_every: int = 1000, max_attempts: int = 3, gates: Gates | None = None,
     ) -> None:
         self.editor = editor
+        self.gates = server_gates() if gates is None else gates  # server-wide; None: the shipped defaults
         self.snapshot_path = snapshot_path  # the factor store's sums, so a restart need not re-sum the ledger
         self.snapshot_every = snapshot_every  # operations between snapshots while running
         self._unsnapshotted = 0
@@ -281,10 +292,10 @@ class Worker:
             self._snapshot()
         return True
 
-    @staticmethod
-    def _job(session: Session, op) -> Job:
+    def _job(self, session: Session, op) -> Job:
         edit = repo.get_edit(session, op.edit_id)
-        return Job(op.seq, edit.id, EditRequest.from_dict(edit.request), edit.method)
+        own = Gates.from_dict(edit.request.get("gates"))
+        return Job(op.seq, edit.id, EditRequest.from_dict(edit.request), edit.method, self.gates.merged(own))
 
     # ---- applying ----------------------------------------------------------------------------
 
@@ -303,19 +314,36 @@ class Worker:
                 return
             log.warning("batch %s failed as a whole (%s); applying its %d edits one by one",
                         batch_id, _reason(exc), len(runnable))
-            for i, job in enumerate(runnable):
-                single = f"{batch_id}-{i}"
-                with self.sessions() as session:
-                    repo.rebatch(session, job.seq, single)
-                    session.commit()
-                try:
-                    alone = self._compute([job], single)
-                except Exception as single_exc:
-                    self._fail(job.seq, _reason(single_exc), single_exc)
-                else:
-                    self._record([job], alone, single)
+            self._one_by_one(runnable, batch_id)
             return
-        self._record(runnable, computed, batch_id)
+        if len(runnable) > 1 and any(report.failed for report in computed.gates):
+            # The gates measured the batch's joint update: a probe it broke cannot be pinned on one edit,
+            # and the batch-mates' factors were solved together with the failing edit's. So nothing of
+            # the batch is kept; each edit is computed and gated alone, and only its own gates decide it.
+            log.warning("batch %s failed a quality gate; applying its %d edits one by one", batch_id, len(runnable))
+            self._one_by_one(runnable, batch_id)
+            return
+        self._settle(runnable, computed, batch_id)
+
+    def _one_by_one(self, jobs: list[Job], batch_id: str) -> None:
+        for i, job in enumerate(jobs):
+            single = f"{batch_id}-{i}"
+            with self.sessions() as session:
+                repo.rebatch(session, job.seq, single)
+                session.commit()
+            try:
+                alone = self._compute([job], single)
+            except Exception as single_exc:
+                self._fail(job.seq, _reason(single_exc), single_exc)
+            else:
+                self._settle([job], alone, single)
+
+    def _settle(self, jobs: list[Job], computed: Computed, batch_id: str) -> None:
+        """Publish the computed weights, or (one edit that failed a gate) reject it: nothing installed."""
+        if len(jobs) == 1 and computed.gates[0].failed:
+            self._reject(jobs[0], computed)
+        else:
+            self._record(jobs, computed, batch_id)
 
     def _method_ok(self, job: Job) -> bool:
         if job.method == self.editor.method:
@@ -330,18 +358,36 @@ class Worker:
         before = self.editor.measure(requests)
         update = self.editor.compute(requests, [job.edit_id for job in jobs], batch_id)
         after = self.editor.measure(requests, update.pending)
-        return Computed(update, before, after, self.editor.plan_commit(update), started)
+        gates_started = time.perf_counter()
+        reports = self._gate(jobs, before, after, update)
+        gates_s = time.perf_counter() - gates_started
+        return Computed(update, before, after, self.editor.plan_commit(update), reports, gates_s, started)
+
+    def _gate(self, jobs: list[Job], before: list[RequestMetrics], after: list[RequestMetrics],
+              update: BatchUpdate) -> list[GateReport]:
+        """Each job's gates, measured on the pending weights before anything serves them. Probe results
+        are shared by the batch (one pending update), so each probe is scored once per weights."""
+        held: dict[tuple[Probe, bool], bool] = {}
+
+        def check(probes: Sequence[Probe], pending: bool) -> list[bool]:
+            missing = list(dict.fromkeys(p for p in probes if (p, pending) not in held))
+            if missing:
+                results = self.editor.holds([(p.prompt, p.expected) for p in missing],
+                                            update.pending if pending else None)
+                held.update({(p, pending): ok for p, ok in zip(missing, results)})
+            return [held[(p, pending)] for p in probes]
+
+        return [evaluate(job.gates, job.request, before[j], after[j], check) for j, job in enumerate(jobs)]
 
     def _record(self, jobs: list[Job], computed: Computed, batch_id: str) -> None:
-        update, before, after, swap = computed.update, computed.before, computed.after, computed.swap
+        update, before, swap = computed.update, computed.before, computed.swap
         self._maybe_crash("after_compute")
         version = max(job.seq for job in jobs)
         with self.sessions() as session:
             for j, job in enumerate(jobs):
                 repo.record_applied(
                     session, job.seq, factors=tensors.to_stored(update.edits[j]), metrics_before=before[j].to_dict(),
-                    metrics_after=after[j].to_dict() | {"target_steps": update.steps[j], "target_nll": update.target_nll[j],
-                                                        "target_greedy": update.target_greedy[j]},
+                    metrics_after=computed.metrics_after(j),
                     update_norms=update.update_norms[j], layers=self.editor.layers,
                     weights_digest=swap.digest, model_version=version, settings=self.editor.settings(),
                 )
@@ -352,6 +398,15 @@ class Worker:
         for job in jobs:
             log.info("edit %s applied at version %d (batch %s of %d, %.2f s)",
                      job.edit_id, version, batch_id, len(jobs), self.last_apply_s)
+
+    def _reject(self, job: Job, computed: Computed) -> None:
+        """The edit failed a quality gate: recorded with its measurements, its weights never installed."""
+        reason = computed.gates[0].reason()
+        with self.sessions() as session:
+            repo.record_rejected(session, job.seq, error=reason, metrics_before=computed.before[0].to_dict(),
+                                 metrics_after=computed.metrics_after(0), settings=self.editor.settings())
+            session.commit()
+        log.warning("edit %s %s", job.edit_id, reason)
 
     def _rollback(self, seq: int, edit_id: str) -> None:
         try:

@@ -24,6 +24,7 @@ from api.schemas.edits import (
     RollbackIn,
 )
 from service import edits
+from service.engine.gates import Gates
 from service.engine.types import EditRequest
 from service.engine.validation import MAX_SUBJECT_CHARS
 from service.errors import InvalidRequest
@@ -46,7 +47,8 @@ def new_edit(edit: EditIn, label: str) -> edits.NewEdit:
     """The body's edit as the domain's; its rules are checked here, once (InvalidRequest names `label`)."""
     try:
         request = EditRequest.from_dict(edit.model_dump())
-        return edits.NewEdit(request, edit.metadata, edit.method)
+        gates = Gates.from_dict(edit.gates.model_dump()) if edit.gates is not None else None
+        return edits.NewEdit(request, edit.metadata, edit.method, gates)
     except InvalidRequest as exc:
         raise InvalidRequest(f"{label}{exc.message}") from None
 

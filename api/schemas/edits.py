@@ -11,7 +11,7 @@ from api.schemas.common import EDIT_LIST_TAG, NON_BLANK_PATTERN, SINGLE_EDIT_TAG
 from service.engine.types import Method
 from service.engine.validation import MAX_EXTRA_PROMPTS, MAX_PROMPT_CHARS, MAX_SUBJECT_CHARS, MAX_TARGET_CHARS
 
-EditStatus = Literal["queued", "applying", "applied", "failed", "rolled_back", "cancelled"]  # models.EDIT_STATUSES
+EditStatus = Literal["queued", "applying", "applied", "failed", "rolled_back", "cancelled", "rejected"]  # models.EDIT_STATUSES
 MAX_EDITS_PER_REQUEST = 256
 MAX_METADATA_CHARS = 4096
 MAX_REASON_CHARS = 1000
@@ -43,6 +43,30 @@ def prompts_schema() -> dict[str, Any]:
     return {"maxItems": MAX_EXTRA_PROMPTS, "items": {"type": "string", **text_schema(MAX_PROMPT_CHARS)}}
 
 
+class ProbeIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(description="a prompt whose completion the edit must not change",
+                        json_schema_extra=text_schema(MAX_PROMPT_CHARS))
+    expected: str = Field(description="its completion, which must stay the greedy one (if it was before the edit)",
+                          json_schema_extra=text_schema(MAX_TARGET_CHARS))
+
+
+class GatesIn(BaseModel):
+    """Quality gates of this edit, on top of the server's (KNOWPATCH_GATE_*): measured on the computed
+    weights before they are served; an edit that fails one is `rejected` and changes nothing."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min_efficacy: float | None = Field(None, ge=0, le=1, description="least P(target_new | prompt) after the edit")
+    min_generalisation: float | None = Field(None, ge=0, le=1,
+                                             description="least mean P(target_new) over the rephrase prompts")
+    max_locality_drop: float | None = Field(None, ge=0, le=1,
+                                            description="largest rise of P(target_new) on a locality prompt")
+    probes: list[ProbeIn] = Field(default_factory=list, max_length=MAX_EXTRA_PROMPTS,
+                                  description="continuations that must stay the greedy ones")
+
+
 class EditIn(BaseModel):
     """One fact edit: make the model complete `prompt` (which names `subject`) with `target_new`.
     Text must not be blank, nor contain NUL characters or lone surrogates."""
@@ -62,6 +86,7 @@ class EditIn(BaseModel):
     locality_prompts: list[str] = Field(default_factory=list, description="unrelated prompts that must not change",
                                         json_schema_extra=prompts_schema())
     method: Method | None = Field(None, description="editing method; default: the server's KNOWPATCH_METHOD")
+    gates: GatesIn | None = Field(None, description="quality gates of this edit, on top of the server's")
     metadata: dict[str, Any] | None = Field(None, description=f"free JSON kept with the request for audit, at most "
                                                               f"{MAX_METADATA_CHARS} characters as JSON")
 

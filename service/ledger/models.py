@@ -28,8 +28,9 @@ ZERO_HASH = "0" * 64
 
 OP_KINDS = ("apply", "rollback")
 OP_STATUSES = ("queued", "applying", "done", "failed", "cancelled")
-EDIT_STATUSES = ("queued", "applying", "applied", "failed", "rolled_back", "cancelled")
-EVENTS = ("queued", "applying", "applied", "failed", "rollback_requested", "rolled_back", "cancelled")
+# rejected: computed, but it failed a quality gate, so it was never served (its operation is 'failed').
+EDIT_STATUSES = ("queued", "applying", "applied", "failed", "rolled_back", "cancelled", "rejected")
+EVENTS = ("queued", "applying", "applied", "failed", "rollback_requested", "rolled_back", "cancelled", "rejected")
 
 # Named constraints, so later migrations (and SQLite batch mode) can refer to them.
 NAMING = {

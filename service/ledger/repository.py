@@ -472,6 +472,29 @@ def record_failed(session: Session, op: Operation | int, *, error: str) -> None:
     session.flush()
 
 
+def record_rejected(session: Session, op: Operation | int, *, error: str, metrics_before: dict[str, Any] | None,
+                    metrics_after: dict[str, Any] | None, settings: dict[str, Any] | None = None) -> None:
+    """The edit was computed but failed a quality gate: never served, the model unchanged. Like a failure
+    (the op is 'failed', no chain link, no factors), but the edit keeps the measurements that decided it."""
+    op = _locked_op(session, op)
+    if op.kind != "apply":
+        raise InvalidRequest(f"operation {op.seq} is a {op.kind}; only applies are gated")
+    _require_pending(op, "record as rejected", claimed=True)
+    now = utcnow()
+    op.status = "failed"
+    op.finished_at = now
+    edit = _locked_edit(session, op.edit_id)
+    edit.status = "rejected"
+    edit.updated_at = now
+    edit.batch_id = op.batch_id
+    edit.metrics_before = metrics_before
+    edit.metrics_after = metrics_after
+    edit.settings = settings
+    edit.error = error
+    _event(session, edit.id, "rejected", seq=op.seq, reason=error)
+    session.flush()
+
+
 def record_rolled_back(session: Session, op: Operation | int, *, weights_digest: str,
                        model_version: int) -> None:
     """The edit's factors are out of the model: chain the op, mark the edit rolled back."""

@@ -212,3 +212,14 @@ def test_requester_is_the_key_name(api: Api) -> None:
 
 def test_status_names_match_the_ledger() -> None:
     assert get_args(EditStatus) == EDIT_STATUSES
+
+
+def test_an_edits_own_gates_are_stored_with_it_and_checked(api: Api) -> None:
+    gates = {"min_efficacy": 0.5, "probes": [{"prompt": "The capital of France is", "expected": " Paris"}]}
+    reply = api.client.post("/edits", json=edit_body("Eiffel Tower", gates=gates))
+    assert reply.status_code == 202, reply.text
+    record = api.client.get(f"/edits/{reply.json()['id']}").json()
+    assert record["request"]["gates"] == {**gates, "min_generalisation": None, "max_locality_drop": None}
+    assert api.client.post("/edits", json=edit_body("Big Ben", gates={"min_efficacy": 2})).status_code == 422
+    assert api.client.post("/edits", json=edit_body("Big Ben", gates={"probes": [{"prompt": "x"}]})).status_code == 422
+    assert api.client.get("/edits", params={"status": "rejected"}).json()["items"] == []

@@ -56,7 +56,7 @@ def test_migrate_twice_is_a_no_op(ledger_url: str) -> None:
             repo.create_edits(s, [{"subject": "A"}], subjects=["A"], requested_by="a", method="alphaedit",
                               idempotency_key=None)
         migrate(ledger_url)
-        assert _revision(ledger_url) == "0003"
+        assert _revision(ledger_url) == "0004"
         with session_factory(engine)() as s:
             assert repo.queue_depth(s) == 1  # data untouched
     finally:
@@ -76,7 +76,7 @@ def test_migrate_creates_the_sqlite_folder(sqlite_url: str) -> None:
     folder = Path(sqlite_url.removeprefix("sqlite:///")).parent
     assert not folder.exists()
     migrate(sqlite_url)
-    assert folder.is_dir() and _revision(sqlite_url) == "0003"
+    assert folder.is_dir() and _revision(sqlite_url) == "0004"
 
 
 def test_alembic_command_line_takes_the_url_from_x(sqlite_url: str, tmp_path: Path) -> None:
@@ -87,7 +87,7 @@ def test_alembic_command_line_takes_the_url_from_x(sqlite_url: str, tmp_path: Pa
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60,
     )
     assert run.returncode == 0, run.stderr
-    assert _revision(sqlite_url) == "0003"
+    assert _revision(sqlite_url) == "0004"
 
 
 def test_alembic_command_line_falls_back_to_the_environment(sqlite_url: str, tmp_path: Path) -> None:
