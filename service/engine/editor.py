@@ -344,6 +344,12 @@ class Editor:
         scores = score_rows(self.adapter, self.trace, rows, self.tokenizer.pad_token_id, pending)
         return _metrics_from(requests, plan, scores)
 
+    def holds(self, pairs: Sequence[tuple[str, str]], pending: Pending | None = None) -> list[bool]:
+        """Whether each (prompt, expected) continuation is the greedy one (every token the argmax), on the
+        served weights or, with `pending`, on a computed batch not yet installed (quality-gate probes)."""
+        rows = [continuation_row(self.tokenizer, prompt, expected) for prompt, expected in pairs]
+        return [s.top1_correct for s in score_rows(self.adapter, self.trace, rows, self.tokenizer.pad_token_id, pending)]
+
     def score(self, prompt: str, candidates: Sequence[str]) -> list[Score]:
         rows = [continuation_row(self.tokenizer, prompt, c) for c in candidates]
         return score_rows(self.adapter, None, rows, self.tokenizer.pad_token_id)
