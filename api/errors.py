@@ -24,8 +24,8 @@ ERROR_DOCS = {  # status: (error type, description), for the OpenAPI document
     404: ("NotFound", "no such edit"),
     409: ("Conflict", "the edit's state (or an Idempotency-Key reuse) forbids this"),
     422: ("InvalidRequest", "invalid input; nothing was written"),
-    429: ("Overloaded", "a bounded queue is full (edits: KNOWPATCH_MAX_QUEUED or the per-key bound); nothing was "
-                        "written; retry after Retry-After seconds"),
+    429: ("Overloaded", "a bounded queue is full (edits: KNOWPATCH_MAX_QUEUED or the per-key bound; generation: "
+                        "the decoding queue); nothing was written or started; retry after Retry-After seconds"),
     503: ("Unavailable", "the ledger database or the worker is unreachable, no inference backend, or "
                          "min_model_version is not live; retry after Retry-After seconds"),
 }

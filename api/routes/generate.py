@@ -16,7 +16,7 @@ STREAM_DOC: dict[int | str, dict[str, Any]] = {200: {"content": {"text/event-str
     'data: {"token": {"text": " Rome"}}\n\n'
     'data: {"generated_text": " Rome", "details": {"finish_reason": "eos", "generated_tokens": 1}, '
     '"model_version": 41}\n\n')}}}}
-ERRORS = error_responses(401, 403, 422, 503)
+ERRORS = error_responses(400, 401, 403, 422, 429, 503)
 
 
 @router.post("/generate", response_model=GenerateOut, responses={**ERRORS, **STREAM_DOC})

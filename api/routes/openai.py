@@ -25,7 +25,7 @@ router = APIRouter(prefix="/v1", tags=["openai"])
 DEFAULT_CHAT_MAX_TOKENS = 256
 STREAM_DOC = {200: {"content": {"text/event-stream": {"example": (
     'data: {"id": "cmpl-5f2a", "object": "text_completion", "choices": [{"index": 0, "text": " Rome"}]}\n\n'
-    "data: [DONE]\n\n")}}}, **error_responses(401, 403, 422, 503)}
+    "data: [DONE]\n\n")}}}, **error_responses(400, 401, 403, 422, 429, 503)}
 
 
 def _params(body: SamplingIn, prompt: str, max_tokens: int, limit: int) -> GenerateParams:

@@ -16,10 +16,6 @@ from tests.chaos.invariants import check_ledger, pending_operations
 from tests.chaos.workload import Accepted
 
 EXAMPLES = int(os.environ.get("KNOWPATCH_CHAOS_FUZZ_EXAMPLES", "3"))
-# Known and reported: a body that is not JSON gets a 400 that the generation routes do not document
-# (test_malformed_json_is_answered_with_a_documented_status below, strict xfail). Remove this filter
-# when that test passes.
-KNOWN_UNDOCUMENTED = "Undocumented status code: Received: 400"
 
 
 @pytest.mark.slow
@@ -28,8 +24,7 @@ def test_fuzzing_finds_no_server_error_and_no_undocumented_answer(cluster: Clust
     print(report.figures())
     assert report.operations >= 15 and report.requests >= report.operations
     assert not report.server_errors, "\n".join(report.server_errors[:20])
-    failures = [f for f in report.failures if KNOWN_UNDOCUMENTED not in f]
-    assert not failures, "\n".join(failures[:20])
+    assert not report.failures, "\n".join(report.failures[:20])
     wait_for(lambda: pending_operations(cluster.sessions) == 0, "the fuzzed edits are processed", 600, 0.5)
     findings = check_ledger(cluster.sessions, Accepted(), layers=3)  # every edit, fuzzed ones included
     assert not findings.problems, "\n".join(findings.problems[:20])
@@ -38,8 +33,6 @@ def test_fuzzing_finds_no_server_error_and_no_undocumented_answer(cluster: Clust
         assert not [k for k in cluster.keys.all() + [cluster.internal_token] if k in text], f"a key in {log}"
 
 
-@pytest.mark.xfail(strict=True, reason="defect: a request body that is not JSON gets 400 from every route, but "
-                                       "only POST /edits and the rollback document 400 in the OpenAPI document")
 def test_malformed_json_is_answered_with_a_documented_status(cluster: Cluster) -> None:
     spec = httpx.get(f"{cluster.api_url}/openapi.json", timeout=30).json()
     undocumented = []
