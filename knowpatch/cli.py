@@ -63,13 +63,14 @@ def snapshot_path(settings: Settings) -> Path:
 
 def _start_worker(settings: Settings, sessions, queue, tracker: Progress | None = None):
     from service.bootstrap import build_editor
+    from service.engine.gates import gates_from_settings
     from workers.inference import LocalBackend
     from workers.worker import Worker
 
     tracker = tracker or Progress()
     editor = build_editor(settings, keep_factors=False, tracker=tracker)
     worker = Worker(editor, sessions, queue, batch_size=settings.batch_size, fault_injection=settings.fault_injection,
-                    snapshot_path=snapshot_path(settings))
+                    snapshot_path=snapshot_path(settings), gates=gates_from_settings(settings))
     tracker.phase("replaying the ledger")
     worker.start()
     stop = threading.Event()
