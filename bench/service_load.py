@@ -1,11 +1,17 @@
 """Service load on the embedded deployment, measured over HTTP only: edits/minute through the queue
-at worker batch sizes 1 and 8, /generate latency and tokens/s at 1 and 8 clients on the base and the
-patched model, rollback latency, and restart time (process start -> /ready 200) against ledger size.
-Prints a table; the last line is one JSON object.
+at worker batch sizes 1 and 8, /generate latency and tokens/s at 1, 8 and 32 clients on the base model
+(1 and 8 on the patched one), rollback latency, and restart time (process start -> /ready 200)
+against ledger size. Prints a table; the last line is one JSON object.
 
     .venv/bin/python bench/service_load.py [--edits-b1 8] [--edits-b8 16] [--patched-edits 100]
                                            [--requests 24] [--rollbacks 3] [--quick]
     .venv/bin/python bench/service_load.py --url http://127.0.0.1:8000   # HTTP-only parts, on a running service
+    .venv/bin/python bench/service_load.py --generation-only   # generation and patched/base only (see below)
+
+--generation-only skips the edits, rollbacks and restarts: the patched service replays a SYNTHETIC
+ledger of --patched-edits edits (bench/_ledger_fill.py) instead of applying real ones, which is
+enough for the patched/base latency (edits are merged into the weights either way) and takes
+minutes instead of an hour on a loaded 2-core machine.
 
 Without --url it starts its own `python -m knowpatch serve` processes (temp KNOWPATCH_DATA_DIR,
 WikiText-2 corpus, 20k statistics tokens): one at KNOWPATCH_BATCH_SIZE=1, one at 8, then one per
@@ -417,8 +423,11 @@ def interleaved(base_url: str, patched_url: str, requests: int) -> dict:
             "ms_per_token_ratio": percentile(per_token["patched"], 50) / percentile(per_token["base"], 50)}
 
 
-def latency_pair(url: str, requests: int) -> dict[int, dict]:
-    return {clients: generate_load(url, clients, requests) for clients in (1, 8)}
+CLIENTS = (1, 8, 32)  # concurrent clients of the base model's latency phases (the patched one: 1 and 8)
+
+
+def latency_set(url: str, requests: int, clients: tuple[int, ...] = CLIENTS) -> dict[int, dict]:
+    return {n: generate_load(url, n, requests) for n in clients}
 
 
 # --------------------------------------------------------------------------- rollback
@@ -521,8 +530,8 @@ def http_phases(url: str, args, log, single_posts: bool, base_service=None) -> d
         if single_posts:  # --url: single posts on the same service, whatever its batch size
             log(f"edits through the queue, {args.edits_b1} single POSTs ...")
             out["b1"] = edit_throughput(client, counterfact(args.cf_offset, args.edits_b1), 1, args.edit_timeout_s)
-        log(f"base /generate latency, {args.requests} requests at 1 and 8 clients ...")
-        out["base"] = latency_pair(url, args.requests)
+        log(f"base /generate latency, {args.requests} requests at {CLIENTS} clients ...")
+        out["base"] = latency_set(url, args.requests)
         log(f"edits through the queue, {args.edits_b8} edits in lists of 8 ...")
         out["b8"] = edit_throughput(client, counterfact(args.cf_offset + 1000, args.edits_b8), 8, args.edit_timeout_s)
         more = max(0, args.patched_edits - out["b8"]["applied"])
@@ -532,7 +541,7 @@ def http_phases(url: str, args, log, single_posts: bool, base_service=None) -> d
         applied_ids = out["b8"]["ids"] + out.get("patch_fill", {}).get("ids", [])
         out["patched_edits"] = len(applied_ids)
         log(f"patched /generate latency ({len(applied_ids)} edits applied) ...")
-        out["patched"] = latency_pair(url, args.requests)
+        out["patched"] = latency_set(url, args.requests, (1, 8))
         if base_service is not None:
             base = base_service()
             try:
@@ -547,10 +556,33 @@ def http_phases(url: str, args, log, single_posts: bool, base_service=None) -> d
     return out
 
 
+def generation_phases(services: Services, work: Path, args, log) -> dict:
+    """--generation-only: a base service (1/8/32 clients), then a patched one replaying a synthetic
+    ledger (1/8 clients), then the interleaved patched/base comparison with both running."""
+    out: dict = {}
+    base = services.start("base", work / "data-base", 8)
+    log(f"base service ready in {base.ready_s:.1f} s; /generate latency, {args.requests} requests at {CLIENTS} "
+        "clients ...")
+    out["base"] = latency_set(base.url, args.requests)
+    log(f"filling a SYNTHETIC ledger of {args.patched_edits} edits for the patched service ...")
+    data = work / "data-patched"
+    filled = fill_synthetic([(data, args.patched_edits)], Service("fill", work, 8, services.logs).env(),
+                            services.logs / "ledger_fill.log")
+    out["patched_edits"] = filled[0]["edits"]
+    patched = services.start("patched", data, 8)
+    log(f"patched service ({out['patched_edits']} synthetic edits) ready in {patched.ready_s:.1f} s; /generate "
+        "latency at 1 and 8 clients ...")
+    out["patched"] = latency_set(patched.url, args.requests, (1, 8))
+    log(f"interleaved base/patched /generate at 1 client, {args.requests} pairs ...")
+    out["ab"] = interleaved(base.url, patched.url, args.requests)
+    return out
+
+
 def run(args) -> dict:
-    results: dict = {"mode": "url" if args.url else "embedded", "args": {
+    mode = "url" if args.url else "generation-only" if args.generation_only else "embedded"
+    results: dict = {"mode": mode, "args": {
         k: getattr(args, k) for k in ("edits_b1", "edits_b8", "patched_edits", "requests", "rollbacks", "cf_offset",
-                                      "restart_repeats", "service_threads", "quick")}}
+                                      "restart_repeats", "service_threads", "quick", "generation_only")}}
     started = time.monotonic()
 
     loads = results.setdefault("load1", [])
@@ -584,6 +616,17 @@ def run(args) -> dict:
     log(f"work folder {work} (service logs in {logs})")
     services = Services(logs)
     ok = False
+    if args.generation_only:
+        try:
+            results.update(generation_phases(services, work, args, log))
+            ok = True
+        finally:
+            services.stop_all()
+            if ok and not args.keep:
+                shutil.rmtree(work, ignore_errors=True)
+            else:
+                print(f"kept {work} (logs in {logs})", file=sys.stderr)
+        return results
     try:
         # batch size 1: single POSTs
         b1 = services.start("b1", work / "data-b1", 1)
@@ -657,14 +700,18 @@ def report(res: dict) -> dict:
     add("")
     add(f"{'/generate (32 new tokens, greedy)':36s} {'clients':>7s} {'p50 ms':>9s} {'p95 ms':>9s} "
         f"{'tokens/s':>9s} {'ms/token':>9s} {'tokens':>7s} {'n':>4s} {'versions'}")
+    synthetic = " SYNTHETIC" if res["mode"] == "generation-only" else ""
     names = (("before", f"after {res.get('patched_edits')} more edits") if url_mode
-             else ("base model", f"patched ({res.get('patched_edits')} edits)"))
+             else ("base model", f"patched ({res.get('patched_edits')}{synthetic} edits)"))
     for name, data in zip(names, (base, patched)):
-        for c in (1, 8):
+        for c in sorted(data):
             d = data[c]
             add(f"{name:36s} {c:7d} {_f(d['p50_ms'], 9, 0)} {_f(d['p95_ms'], 9, 0)} {_f(d['tokens_per_s'], 9, 1)} "
                 f"{_f(d['ms_per_token_p50'], 9, 1)} {_f(d['mean_tokens'], 7, 1)} {d['requests']:4d} {d['model_versions']}"
                 + (f"  ERRORS {d['errors']}: {d.get('first_error')}" if d["errors"] else ""))
+    speedup8, speedup32, tail8 = batching_ratios(base)
+    add(f"continuous batching, base model: tokens/s at 8 clients / 1 client {_f(speedup8, 0, 2)} (wanted >= 5), "
+        f"at 32 / at 8 {_f(speedup32, 0, 2)} (wanted >= 1), p95 at 8 / p50 at 1 {_f(tail8, 0, 2)} (wanted <= 3)")
     add(f"patched / base p50 latency, measured one after the other: {_f(seq_ratio, 0, 3)} at 1 client, "
         f"{_f(ratio8, 0, 3)} at 8 clients (per token at 1 client: {_f(tok_ratio, 0, 3)})")
     if ab:
@@ -703,6 +750,14 @@ def report(res: dict) -> dict:
         "generate_p95_ms": _r(base[1]["p95_ms"]),
         "generate_tokens_per_s_1": _r(base[1]["tokens_per_s"], 2),
         "generate_tokens_per_s_8": _r(base[8]["tokens_per_s"], 2),
+        "tokens_per_s_1": _r(base[1]["tokens_per_s"], 2),
+        "tokens_per_s_8": _r(base[8]["tokens_per_s"], 2),
+        "tokens_per_s_32": _r(base.get(32, {}).get("tokens_per_s"), 2),
+        "generate_p50_ms_32": _r(base.get(32, {}).get("p50_ms")),
+        "generate_p95_ms_32": _r(base.get(32, {}).get("p95_ms")),
+        "tokens_per_s_8_over_1": _r(speedup8, 2),
+        "tokens_per_s_32_over_8": _r(speedup32, 2),
+        "p95_8_over_p50_1": _r(tail8, 2),
         "generate_p50_ms_8": _r(base[8]["p50_ms"]),
         "generate_p95_ms_8": _r(base[8]["p95_ms"]),
         "patched_generate_p50_ms": _r(patched[1]["p50_ms"]),
@@ -738,6 +793,15 @@ def report(res: dict) -> dict:
     return summary
 
 
+def batching_ratios(base: dict) -> tuple[float | None, float | None, float | None]:
+    """tokens/s at 8 clients over 1 client, at 32 over 8, and p95 latency at 8 over p50 at 1."""
+    def ratio(a, b):
+        return a / b if a and b else None
+    tokens = {c: base.get(c, {}).get("tokens_per_s") for c in CLIENTS}
+    return (ratio(tokens[8], tokens[1]), ratio(tokens[32], tokens[8]),
+            ratio(base.get(8, {}).get("p95_ms"), base.get(1, {}).get("p50_ms")))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--url", help="drive this running service (loopback only) instead of starting one; "
@@ -757,8 +821,13 @@ def main() -> None:
                         help="first CounterFact row (default 0; with --url, from the ledger head, so that a rerun "
                              "does not re-edit facts the service holds already)")
     parser.add_argument("--quick", action="store_true", help="small numbers, for a smoke run")
+    parser.add_argument("--generation-only", action="store_true",
+                        help="only generation latency/throughput and patched/base (synthetic patched ledger); "
+                             "no edits, rollbacks or restarts")
     parser.add_argument("--keep", action="store_true", help="keep the temp folder (ledgers, logs)")
     args = parser.parse_args()
+    if args.url and args.generation_only:
+        parser.error("--generation-only starts its own services; it does not take --url")
     Service.threads = args.service_threads
     if args.quick:
         args.edits_b1, args.edits_b8, args.patched_edits = 2, 8, 8

@@ -267,6 +267,9 @@ class Batcher:
             room = self.limits.generation_batch_size - len(self._decoding) - len(self._prefilling)
             while self._waiting and room > 0:
                 job = self._waiting[0]
+                if job.cancelled:  # a score request partly admitted when its client left
+                    self._waiting.popleft()
+                    continue
                 if draining and job.version is None:
                     break
                 job.version = version

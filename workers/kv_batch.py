@@ -43,8 +43,9 @@ class PaddedBatch:
         Returns the last hidden states (B, W, H)."""
         positions = self.mask.sum(1, keepdim=True) + block_mask.cumsum(1) - 1  # (B, W): real tokens before
         mask = torch.cat([self.mask, block_mask], 1)  # (B, T + W)
-        out = base(input_ids=ids, attention_mask=mask, position_ids=positions.clamp_min(0), use_cache=True,
-                   **{cache_keyword(base): self.cache})
+        holes = not bool(mask.all())  # without any, the model's own causal path (no mask tensor) is exact and faster
+        out = base(input_ids=ids, attention_mask=mask if holes else None, position_ids=positions.clamp_min(0),
+                   use_cache=True, **{cache_keyword(base): self.cache})
         self.mask = mask
         return out.last_hidden_state
 
