@@ -109,6 +109,8 @@ def _cold_start(cluster: Cluster, fault: str | None, findings: Findings) -> None
 
 def _kill_worker_at_fault(cluster: Cluster, workload: Workload, kind: str, result: TrialResult) -> None:
     workload.submit(workload.rng.randint(3, 6), rollbacks=1 if kind == "during_rollback" else 0)
+    if kind != "during_rollback":
+        workload.edit()  # last, so no cancel in the mix can take it: the worker computes at least one edit
     try:
         wait_for(lambda: not cluster.worker_alive(), f"the worker dies at {kind}", FAULT_TIMEOUT_S, poll_s=0.05)
     except AssertionError:
