@@ -4,7 +4,7 @@ lock), interleaved pair by pair so that other load on the machine hits both alik
 with 1, 8 and 32 concurrent requests. SmolLM2-135M, greedy, 32 new tokens, the fixed prompts of
 bench/service_load.py. Prints a table; the last line is one JSON object.
 
-    .venv/bin/python bench/decode_batching.py [--pairs 12] [--rounds 2]
+    .venv/bin/python bench/decode_batching.py [--pairs 12] [--rounds 2] [--threads N]
 
 The editor is built as `knowpatch serve` builds it (WikiText-2 corpus, 20k statistics tokens, so the
 statistics cached by bench/service_load.py are reused).
@@ -22,6 +22,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
 
 from bench.service_load import CORPUS, MAX_NEW_TOKENS, PROMPTS  # noqa: E402
 from service.bootstrap import build_editor  # noqa: E402
@@ -52,7 +54,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=12, help="interleaved one-request pairs (plain, batched)")
     parser.add_argument("--rounds", type=int, default=2, help="rounds of 1/8/32 concurrent requests")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: torch's own; 1 is steadier on a machine shared with other work)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     params = [GenerateParams(p, max_new_tokens=MAX_NEW_TOKENS) for p in PROMPTS]
     editor = build_editor(Settings(corpus=str(CORPUS), stats_tokens=20000), progress=False)
     backend = LocalBackend(editor)
@@ -80,7 +86,8 @@ def main() -> None:
     backend.close()
     ratio = statistics.median(new / old for old, new in pairs)
     tps = {c: statistics.median(v) for c, v in throughput.items()}
-    print(f"decoder in process (SmolLM2-135M, {os.cpu_count()} CPUs, 1-minute load {min(load):.1f}..{max(load):.1f})")
+    print(f"decoder in process (SmolLM2-135M, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, "
+          f"1-minute load {min(load):.1f}..{max(load):.1f})")
     print(f"one request, batched decoder / plain loop, median of {len(pairs)} interleaved pairs: {ratio:.3f} "
           f"(plain median {statistics.median(o for o, _ in pairs):.2f} s, batched "
           f"{statistics.median(n for _, n in pairs):.2f} s)")
@@ -90,7 +97,7 @@ def main() -> None:
                       **{f"tokens_per_s_{c}": round(v, 2) for c, v in tps.items()},
                       "tokens_per_s_8_over_1": round(tps[8] / tps[1], 2),
                       "tokens_per_s_32_over_8": round(tps[32] / tps[8], 2),
-                      "load1_min": round(min(load), 2), "load1_max": round(max(load), 2)}))
+                      "torch_threads": torch.get_num_threads(), "load1_min": round(min(load), 2), "load1_max": round(max(load), 2)}))
 
 
 if __name__ == "__main__":
