@@ -12,8 +12,9 @@ from service.engine.prompts import Row
 from service.engine.scoring import continuation_row
 from service.errors import InvalidRequest, KnowpatchError, Unavailable
 from service.inference import BackendInfo, GenerateParams, GenerateResult, ScoreResult, StreamEvent
-from workers.batching import AsyncSink, Batcher, BatchLimits, GenerationJob, Job, ScoreJob
+from workers.batching import Batcher, BatchLimits
 from workers.generation import position_limit, prompt_ids
+from workers.jobs import AsyncSink, GenerationJob, Job, ScoreJob
 
 
 class LocalBackend:
