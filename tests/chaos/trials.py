@@ -10,7 +10,6 @@ with the weights the recovered worker serves.
 """
 from __future__ import annotations
 
-import logging
 import random
 import time
 from collections import Counter
@@ -29,8 +28,6 @@ KINDS = WORKER_KILLS + REDIS_KILLS
 RANDOM_KILL_WINDOW_S = 6.0  # a kill lands uniformly in this window after the requests start
 FAULT_TIMEOUT_S = 120.0  # a fault point not reached by then (all requests refused, say) ends in a plain kill
 CATCH_UP_S = 300.0
-
-log = logging.getLogger(__name__)
 
 
 class Replayer:
