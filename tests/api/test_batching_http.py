@@ -91,9 +91,9 @@ def test_a_streaming_client_that_goes_away_stops_its_sequence(module_runner: Api
             with client.stream("POST", "/generate_stream", json=body) as reply:
                 assert reply.status_code == 200
                 next(line for line in reply.iter_lines() if line.startswith("data:"))
-                wait_for(lambda: backend.batcher.stats()["decoding"] == 1, "the sequence decodes", 10)
+                wait_for(lambda: backend.batcher.stats()["decoding"] == 1, "the sequence decodes", 60)
         steps = backend.batcher.steps
-        wait_for(lambda: backend.batcher.stats()["decoding"] == 0, "the sequence leaves the batch", 20)
+        wait_for(lambda: backend.batcher.stats()["decoding"] == 0, "the sequence leaves the batch", 60)
         assert backend.batcher.steps - steps < 400  # stopped well before its 500 tokens
     finally:
         backend.close()

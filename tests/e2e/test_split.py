@@ -15,6 +15,7 @@ from .conftest import Process, free_port
 from .scenario import EIFFEL, eiffel_round_trip, generate, wait_status
 
 pytestmark = pytest.mark.slow
+INTERNAL_TOKEN = "split-test-internal-token"
 
 CASES = [
     {"subject": "Danielle Darrieux", "prompt": "The mother tongue of Danielle Darrieux is", "target_new": "English"},
@@ -28,7 +29,8 @@ class Split:
     def __init__(self, env: dict[str, str], tmp_path, processes: list[Process], redis_url: str) -> None:
         self.worker_port, self.api_port = free_port(), free_port()
         self.env = env | {"KNOWPATCH_WORKER_PORT": str(self.worker_port),
-                          "KNOWPATCH_WORKER_URL": f"http://127.0.0.1:{self.worker_port}"}
+                          "KNOWPATCH_WORKER_URL": f"http://127.0.0.1:{self.worker_port}",
+                          "KNOWPATCH_INTERNAL_TOKEN": INTERNAL_TOKEN}
         self.tmp_path, self.processes, self.redis_url = tmp_path, processes, redis_url
         self.worker: Process | None = None
         subprocess.run([sys.executable, "-m", "knowpatch", "migrate"], env=self.env, check=True, timeout=120)
@@ -51,7 +53,8 @@ class Split:
         return api.start(f"{self.api_url}/health")
 
     def worker_info(self) -> dict:
-        return httpx.get(f"http://127.0.0.1:{self.worker_port}/internal/info", timeout=60).json()
+        return httpx.get(f"http://127.0.0.1:{self.worker_port}/internal/info", timeout=60,
+                         headers={"Authorization": f"Bearer {INTERNAL_TOKEN}"}).json()
 
 
 @pytest.fixture
