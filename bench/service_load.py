@@ -353,7 +353,7 @@ def _generate(client: httpx.Client, prompt: str) -> tuple[float, int, int]:
     return elapsed, int(out["details"]["generated_tokens"]), int(out["model_version"])
 
 
-def generate_load(url: str, clients: int, requests: int) -> dict:
+def generate_load(url: str, clients: int, requests: int) -> LatencyResult:
     """`requests` greedy /generate calls (rounded up to a multiple of `clients`) from `clients` threads
     that start together; fixed prompts, max_new_tokens 32. One warm-up call first, not counted."""
     per_client = max(1, -(-requests // clients))
@@ -392,10 +392,7 @@ def generate_load(url: str, clients: int, requests: int) -> dict:
     result.wall_s = time.perf_counter() - started
     if any(t.is_alive() for t in threads):
         result.errors.append("a client thread did not finish in time")
-    summary = result.summary()
-    if result.errors:
-        summary["first_error"] = result.errors[0]
-    return summary
+    return result
 
 
 def interleaved(base_url: str, patched_url: str, requests: int) -> dict:
@@ -426,8 +423,24 @@ def interleaved(base_url: str, patched_url: str, requests: int) -> dict:
 CLIENTS = (1, 8, 32)  # concurrent clients of the base model's latency phases (the patched one: 1 and 8)
 
 
-def latency_set(url: str, requests: int, clients: tuple[int, ...] = CLIENTS) -> dict[int, dict]:
-    return {n: generate_load(url, n, requests) for n in clients}
+def latency_set(url: str, requests: int, clients: tuple[int, ...] = CLIENTS, rounds: int = 1) -> dict[int, dict]:
+    """Each client count's phase, in `rounds` interleaved rounds of requests/rounds requests each (so that
+    load from other work drifting during the run hits every count alike), merged: latencies pooled,
+    tokens/s = all tokens / all wall time of that count."""
+    merged = {n: LatencyResult(n) for n in clients}
+    for _ in range(rounds):
+        for n in clients:
+            part = generate_load(url, n, max(1, requests // rounds))
+            total = merged[n]
+            total.latencies_s += part.latencies_s
+            total.tokens += part.tokens
+            total.versions |= part.versions
+            total.wall_s += part.wall_s
+            total.errors += part.errors
+    summaries = {}
+    for n, result in merged.items():
+        summaries[n] = result.summary() | ({"first_error": result.errors[0]} if result.errors else {})
+    return summaries
 
 
 # --------------------------------------------------------------------------- rollback
@@ -531,7 +544,7 @@ def http_phases(url: str, args, log, single_posts: bool, base_service=None) -> d
             log(f"edits through the queue, {args.edits_b1} single POSTs ...")
             out["b1"] = edit_throughput(client, counterfact(args.cf_offset, args.edits_b1), 1, args.edit_timeout_s)
         log(f"base /generate latency, {args.requests} requests at {CLIENTS} clients ...")
-        out["base"] = latency_set(url, args.requests)
+        out["base"] = latency_set(url, args.requests, rounds=args.rounds)
         log(f"edits through the queue, {args.edits_b8} edits in lists of 8 ...")
         out["b8"] = edit_throughput(client, counterfact(args.cf_offset + 1000, args.edits_b8), 8, args.edit_timeout_s)
         more = max(0, args.patched_edits - out["b8"]["applied"])
@@ -541,7 +554,7 @@ def http_phases(url: str, args, log, single_posts: bool, base_service=None) -> d
         applied_ids = out["b8"]["ids"] + out.get("patch_fill", {}).get("ids", [])
         out["patched_edits"] = len(applied_ids)
         log(f"patched /generate latency ({len(applied_ids)} edits applied) ...")
-        out["patched"] = latency_set(url, args.requests, (1, 8))
+        out["patched"] = latency_set(url, args.requests, (1, 8), rounds=args.rounds)
         if base_service is not None:
             base = base_service()
             try:
@@ -563,7 +576,7 @@ def generation_phases(services: Services, work: Path, args, log) -> dict:
     base = services.start("base", work / "data-base", 8)
     log(f"base service ready in {base.ready_s:.1f} s; /generate latency, {args.requests} requests at {CLIENTS} "
         "clients ...")
-    out["base"] = latency_set(base.url, args.requests)
+    out["base"] = latency_set(base.url, args.requests, rounds=args.rounds)
     log(f"filling a SYNTHETIC ledger of {args.patched_edits} edits for the patched service ...")
     data = work / "data-patched"
     filled = fill_synthetic([(data, args.patched_edits)], Service("fill", work, 8, services.logs).env(),
@@ -572,7 +585,7 @@ def generation_phases(services: Services, work: Path, args, log) -> dict:
     patched = services.start("patched", data, 8)
     log(f"patched service ({out['patched_edits']} synthetic edits) ready in {patched.ready_s:.1f} s; /generate "
         "latency at 1 and 8 clients ...")
-    out["patched"] = latency_set(patched.url, args.requests, (1, 8))
+    out["patched"] = latency_set(patched.url, args.requests, (1, 8), rounds=args.rounds)
     log(f"interleaved base/patched /generate at 1 client, {args.requests} pairs ...")
     out["ab"] = interleaved(base.url, patched.url, args.requests)
     return out
@@ -582,7 +595,8 @@ def run(args) -> dict:
     mode = "url" if args.url else "generation-only" if args.generation_only else "embedded"
     results: dict = {"mode": mode, "args": {
         k: getattr(args, k) for k in ("edits_b1", "edits_b8", "patched_edits", "requests", "rollbacks", "cf_offset",
-                                      "restart_repeats", "service_threads", "quick", "generation_only")}}
+                                      "restart_repeats", "service_threads", "quick", "generation_only",
+                                      "rounds")}}
     started = time.monotonic()
 
     loads = results.setdefault("load1", [])
@@ -821,6 +835,9 @@ def main() -> None:
                         help="first CounterFact row (default 0; with --url, from the ledger head, so that a rerun "
                              "does not re-edit facts the service holds already)")
     parser.add_argument("--quick", action="store_true", help="small numbers, for a smoke run")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="latency phases in this many interleaved rounds (1, 8, 32 clients, again ...), for "
+                             "a machine whose other load drifts")
     parser.add_argument("--generation-only", action="store_true",
                         help="only generation latency/throughput and patched/base (synthetic patched ledger); "
                              "no edits, rollbacks or restarts")
