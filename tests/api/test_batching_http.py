@@ -83,6 +83,9 @@ def test_a_full_queue_is_429_with_retry_after(module_runner: ApiRunner, editor: 
 
 
 def test_a_streaming_client_that_goes_away_stops_its_sequence(module_runner: ApiRunner, editor: Editor) -> None:
+    # The tiny model decodes 500 tokens in about a second: each forward pass is slowed to 10 ms so
+    # the sequence surely outlives the client.
+    slow = editor.adapter.base.register_forward_pre_hook(lambda *_: time.sleep(0.01))
     backend = LocalBackend(editor)
     api = module_runner.start(backend=backend)
     body = {"inputs": PROMPTS[2], "parameters": {"max_new_tokens": 500}}
@@ -90,10 +93,12 @@ def test_a_streaming_client_that_goes_away_stops_its_sequence(module_runner: Api
         with httpx.Client(base_url=api.url, headers=api.client.headers, timeout=30) as client:
             with client.stream("POST", "/generate_stream", json=body) as reply:
                 assert reply.status_code == 200
-                next(line for line in reply.iter_lines() if line.startswith("data:"))
+                lines = reply.iter_lines()  # held: a discarded iterator closes the connection (httpcore)
+                next(line for line in lines if line.startswith("data:"))
                 wait_for(lambda: backend.batcher.stats()["decoding"] == 1, "the sequence decodes", 60)
         steps = backend.batcher.steps
         wait_for(lambda: backend.batcher.stats()["decoding"] == 0, "the sequence leaves the batch", 60)
         assert backend.batcher.steps - steps < 400  # stopped well before its 500 tokens
     finally:
+        slow.remove()
         backend.close()

@@ -52,9 +52,11 @@ def chromium_binary() -> str:
     return found
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def browser() -> Iterator[Any]:
-    """One headless Chromium for the session, driven by playwright."""
+    """One headless Chromium for these tests, driven by playwright. Package scope, not session: the
+    sync API runs an event loop in this thread while it lives, and asyncio.run() in later tests
+    (tests/workers) refuses to start beside it."""
     try:
         from playwright.sync_api import expect, sync_playwright
     except ImportError:

@@ -103,7 +103,10 @@ def test_audit_record_shows_request_probabilities_history_factors_and_settings(s
     assert checksums == [f["checksum"] for f in record["factors"]] and len(checksums) == 3
     expect(page.locator("#settings")).to_contain_text("profile")
     expect(page.locator("#settings")).to_contain_text(record["settings"]["profile"])
-    expect(page.locator("#gates")).to_have_count(0)  # no quality gates recorded: nothing shown
+    gates = record["metrics_after"]["gates"]  # the worker runs the shipped gates: the record has them
+    assert gates, "the worker's shipped quality gates recorded nothing"
+    shown_gates = page.locator("#gates-after tbody th").all_inner_texts()
+    assert shown_gates == list(gates)
     screenshot(page, "audit-applied")
 
     page.goto(f"{stack.api.url}/ui#/edits/{edit_id}")  # a link to the record opens it
