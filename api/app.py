@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from api.auth import load_api_keys
 from api.errors import install_error_handler
 from api.metrics import ApiMetrics
-from api.routes import docs, edits, generate, health, openai, ui
+from api.routes import admin, docs, edits, generate, health, openai, ui
 from service.config import Settings
 from service.inference import InferenceBackend
 from service.queue import OperationQueue
@@ -53,7 +53,8 @@ def create_app(settings: Settings, *, session_factory: sessionmaker[Session], qu
     app.state.api_keys = load_api_keys(settings.api_keys)
     app.state.metrics = ApiMetrics(session_factory, queue)
     install_error_handler(app)
-    for router in (health.router, edits.router, generate.router, openai.router, ui.router, docs.router):
+    for router in (health.router, edits.router, generate.router, openai.router, admin.router, ui.router,
+                   docs.router):
         app.include_router(router)
     app.mount(ui.ASSETS_URL, StaticFiles(directory=ui.STATIC_DIR), name="ui-assets")
     app.mount(docs.ASSETS_URL, StaticFiles(directory=docs.ASSETS_DIR), name="docs-assets")

@@ -13,7 +13,12 @@ import httpx
 
 from service import wire
 from service.errors import Forbidden, KnowpatchError, Unauthorized, Unavailable, error_from_reply
-from service.inference import BackendInfo, GenerateParams, GenerateResult, ScoreResult, StreamEvent
+from service.inference import (BackendInfo, ExportFormat, ExportStream, GenerateParams, GenerateResult, ScoreResult,
+                               StreamEvent)
+
+# The worker writes a whole export before it sends the first byte (a merged 8B model in float32 is
+# 32 GB to write), so an export's reads may wait far longer than any inference call.
+EXPORT_READ_TIMEOUT_S = 3600.0
 
 
 class HttpBackend:
@@ -37,16 +42,20 @@ class HttpBackend:
         except httpx.TransportError as exc:
             raise Unavailable(f"worker at {self.base_url} is not reachable: {type(exc).__name__}: {exc}") from exc
 
+    def _refusal(self, status: int, body: bytes, path: str) -> KnowpatchError:
+        where = f"worker at {self.base_url}{path}"
+        error = error_from_reply(status, body, where)
+        if isinstance(error, (Unauthorized, Forbidden)):  # not the caller's key: this deployment's setup
+            return Unavailable(f"{where} refused the API's internal token: set the same KNOWPATCH_INTERNAL_TOKEN "
+                               f"on the API and the worker ({error.message})")
+        return error
+
     async def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
         with self._transport_errors(path):
             reply = await self._client.request(method, path, json=body)
         where = f"worker at {self.base_url}{path}"
         if reply.status_code >= 400:
-            error = error_from_reply(reply.status_code, reply.content, where)
-            if isinstance(error, (Unauthorized, Forbidden)):  # not the caller's key: this deployment's setup
-                raise Unavailable(f"{where} refused the API's internal token: set the same KNOWPATCH_INTERNAL_TOKEN "
-                                  f"on the API and the worker ({error.message})")
-            raise error
+            raise self._refusal(reply.status_code, reply.content, path)
         try:
             return reply.json()
         except ValueError:
@@ -93,6 +102,33 @@ class HttpBackend:
 
     async def info(self) -> BackendInfo:
         return wire.decode(BackendInfo, await self._call("GET", wire.INFO), f"worker at {self.base_url}")
+
+    async def export(self, export_format: ExportFormat, rank: int | None = None) -> ExportStream:
+        """The worker's tar stream, passed on chunk by chunk as it arrives (never held whole); closing
+        the stream closes the connection, and the worker then deletes its temporary folder."""
+        params: dict[str, str | int] = {"format": export_format}
+        if rank is not None:
+            params["rank"] = rank
+        request = self._client.build_request("GET", wire.EXPORT, params=params,
+                                             timeout=httpx.Timeout(self.timeout, read=EXPORT_READ_TIMEOUT_S))
+        with self._transport_errors(wire.EXPORT):
+            reply = await self._client.send(request, stream=True)
+        try:
+            if reply.status_code >= 400:
+                raise self._refusal(reply.status_code, await reply.aread(), wire.EXPORT)
+            return self._export_stream(reply, export_format)
+        except BaseException:
+            await reply.aclose()
+            raise
+
+    def _export_stream(self, reply: httpx.Response, export_format: ExportFormat) -> ExportStream:
+        try:
+            version = int(reply.headers[wire.MODEL_VERSION_HEADER])
+        except (KeyError, ValueError):
+            raise KnowpatchError(f"worker at {self.base_url}{wire.EXPORT} sent an export without its model version "
+                                 f"(header {wire.MODEL_VERSION_HEADER})") from None
+        size = reply.headers.get("Content-Length")
+        return ExportStream(version, export_format, reply.aiter_bytes(), reply.aclose, int(size) if size else None)
 
     async def aclose(self) -> None:
         await self._client.aclose()

@@ -76,7 +76,7 @@ def _start_worker(settings: Settings, sessions, queue, tracker: Progress | None 
     stop = threading.Event()
     thread = threading.Thread(target=worker.run, args=(stop,), name="knowpatch-worker", daemon=True)
     thread.start()
-    backend = LocalBackend(editor, version_wait_s=settings.version_wait_s, not_ready=worker.not_ready)
+    backend = LocalBackend(editor, version_wait_s=settings.version_wait_s, not_ready=worker.not_ready, ledger=sessions)
     return backend, stop, thread
 
 

@@ -39,6 +39,10 @@ class Conflict(KnowpatchError):
     status = 409
 
 
+class ModelMoved(Conflict):
+    """The served model changed version between two reads that must see one version; read again."""
+
+
 class Unauthorized(KnowpatchError):
     """Missing or unknown credentials."""
 

@@ -13,6 +13,8 @@ in the model's dtype). With `rank=K` each layer's ΔW is replaced by its best ra
 (truncated SVD of the exact float64 sum), and the relative Frobenius error is reported per layer.
 
 Nothing here keeps state: the functions take an Editor, a ledger session or factors and return data.
+`export_served` exports what a running service serves (GET /admin/export): its editor is already at a
+version, so nothing is replayed; the ledger is read at that version and checked against the weights.
 """
 from __future__ import annotations
 
@@ -20,13 +22,13 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from sqlalchemy import func, select
@@ -34,14 +36,16 @@ from sqlalchemy.orm import Session
 
 from service.engine.editor import Editor
 from service.engine.factors import EditFactors
-from service.errors import Conflict, InvalidRequest, LedgerCorrupt
+from service.errors import Conflict, InvalidRequest, LedgerCorrupt, ModelMoved
+from service.inference import ExportFormat
 from service.ledger import repository as repo
 from service.ledger.tensors import to_engine
 from service.ledger.models import ZERO_HASH, Edit, Operation
 
+Sessions = Callable[[], Session]
+
 log = logging.getLogger(__name__)
 
-ExportFormat = Literal["merged", "peft"]
 INFO_FILE = "export_info.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 _READ_TRIES = 3
@@ -197,6 +201,12 @@ def _staging(out: Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _check_at(state: LedgerState, version: int) -> None:
+    if version != state.seq:
+        raise ModelMoved(f"the editor is at version {version}, not {state.seq}: replay the state first, "
+                         "or read the ledger again at the version now served")
+
+
 def _knowpatch_version() -> str:
     try:
         return metadata.version("knowpatch")
@@ -231,16 +241,19 @@ def export_merged(editor: Editor, state: LedgerState, out: Path) -> dict[str, An
     """The edited model as served, as a Hugging Face folder (safetensors, config, tokenizer) plus
     export_info.json. The editor must be at `state` (see `replay`); returns the info written."""
     with editor.reading() as version:
-        if version != state.seq:
-            raise ValueError(f"the editor is at version {version}, not {state.seq}; replay the state first")
+        _check_at(state, version)
         digest = editor.weights_digest()
         if state.weights_digest is not None and digest != state.weights_digest:
             raise LedgerCorrupt(f"the editor's weights do not match the ledger's digest at seq {state.seq}")
         info = export_info(editor, state, "merged", digest)
-        with _staging(out) as folder:
-            editor.model.save_pretrained(folder, safe_serialization=True)
-            editor.tokenizer.save_pretrained(folder)
-            _write_info(folder, info)
+        # The served tensors themselves, not copies: a swap assigns new tensors and never writes into the
+        # old ones, so these stay this version's after the lock is let go, and the save does not hold up
+        # edits (nor, behind a waiting swap, generation) on a serving editor.
+        weights = editor.model.state_dict()
+    with _staging(out) as folder:
+        editor.model.save_pretrained(folder, state_dict=weights, safe_serialization=True)
+        editor.tokenizer.save_pretrained(folder)
+        _write_info(folder, info)
     log.info("exported the model at version %d (%d active edits) to %s", state.seq, len(state.edits), out)
     return info
 
@@ -276,8 +289,7 @@ def export_peft(editor: Editor, state: LedgerState, out: Path, rank: int | None 
     from safetensors.torch import save_file
 
     with editor.reading() as version:
-        if version != state.seq:
-            raise ValueError(f"the editor is at version {version}, not {state.seq}; replay the state first")
+        _check_at(state, version)
         digest = editor.weights_digest()
         layers = lora_layers(editor, state.edits, rank)
         config = peft_config(editor, layers)
@@ -307,3 +319,27 @@ def export_peft(editor: Editor, state: LedgerState, out: Path, rank: int | None 
     log.info("exported %d active edits at version %d as a LoRA adapter (rank %s, exact: %s) to %s",
              len(state.edits), state.seq, max(lora.rank for lora in layers), info["lora"]["exact"], out)
     return info
+
+
+# ---- the served model ------------------------------------------------------------------------
+
+
+def export_served(editor: Editor, sessions: Sessions, export_format: ExportFormat, out: Path,
+                  rank: int | None = None) -> dict[str, Any]:
+    """Export what `editor` serves now, as `knowpatch export` would at that version, into `out`.
+
+    The ledger is read at the served version without holding the model (reading many edits' factors
+    takes a while, and edits must not wait for it); the export then checks, under the editor's read
+    lock, that the version is still the one read, and its weights digest. A swap in between (the worker
+    installed a batch) starts it over at the new version."""
+    for _ in range(_READ_TRIES):
+        with sessions() as session:
+            state = ledger_state(session, editor.layers, editor.version)
+        try:
+            if export_format == "merged":
+                return export_merged(editor, state, out)
+            return export_peft(editor, state, out, rank=rank)
+        except ModelMoved:
+            log.info("the served model moved on from version %d during the export; exporting again", state.seq)
+    raise Conflict(f"the served model changed version {_READ_TRIES} times during the export: "
+                   "edits are being applied now; retry when they are")

@@ -6,9 +6,14 @@ deployment.
 """
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
+
+from service.errors import InvalidRequest
+
+ExportFormat = Literal["merged", "peft"]
+EXPORT_FORMATS: tuple[ExportFormat, ...] = ("merged", "peft")
 
 
 @dataclass(frozen=True)
@@ -74,6 +79,39 @@ class BackendInfo:
     details: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class ExportStream:
+    """An export of the served model as a tar stream: the folder `knowpatch export` writes, at
+    `model_version`. `close` releases what the stream holds (the model side's temporary folder and its
+    export slot, or the connection to the worker); it must be awaited once the stream ends or its reader
+    goes away, and may be awaited again."""
+
+    model_version: int
+    export_format: ExportFormat
+    chunks: AsyncIterator[bytes]
+    close: Callable[[], Awaitable[None]]
+    size: int | None = None  # bytes of the whole tar, when known before it is sent
+
+    @property
+    def folder(self) -> str:
+        """The tar's one top-level folder, also the download's name: knowpatch-peft-v42."""
+        return export_name(self.export_format, self.model_version)
+
+
+def export_name(export_format: ExportFormat, model_version: int) -> str:
+    return f"knowpatch-{export_format}-v{model_version}"
+
+
+def check_export(export_format: str, rank: int | None) -> None:
+    """Refuse an export request that can never succeed (both deployments, before any work)."""
+    if export_format not in EXPORT_FORMATS:
+        raise InvalidRequest(f"format must be one of {', '.join(EXPORT_FORMATS)}, got {export_format!r}")
+    if rank is not None and export_format != "peft":
+        raise InvalidRequest("rank applies to format=peft only (it truncates the adapter by SVD)")
+    if rank is not None and rank < 1:
+        raise InvalidRequest(f"rank must be at least 1, got {rank}")
+
+
 class InferenceBackend(Protocol):
     async def generate(self, params: GenerateParams) -> GenerateResult: ...
 
@@ -86,3 +124,8 @@ class InferenceBackend(Protocol):
         ...
 
     async def info(self) -> BackendInfo: ...
+
+    async def export(self, export_format: ExportFormat, rank: int | None = None) -> ExportStream:
+        """The served model exported at its current version, ready to stream. Unavailable while the
+        model is not ready, Overloaded while another export runs, InvalidRequest for a bad request."""
+        ...

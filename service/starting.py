@@ -9,7 +9,8 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 from service.errors import Unavailable
-from service.inference import BackendInfo, GenerateParams, GenerateResult, InferenceBackend, ScoreResult, StreamEvent
+from service.inference import (BackendInfo, ExportFormat, ExportStream, GenerateParams, GenerateResult,
+                               InferenceBackend, ScoreResult, StreamEvent)
 from service.progress import Progress
 
 
@@ -48,6 +49,9 @@ class StartingBackend:
 
     async def chat_prompt(self, messages: list[dict[str, str]]) -> str:
         return await self._backend().chat_prompt(messages)
+
+    async def export(self, export_format: ExportFormat, rank: int | None = None) -> ExportStream:
+        return await self._backend().export(export_format, rank)
 
     async def info(self) -> BackendInfo:
         if self.backend is not None:

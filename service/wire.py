@@ -11,9 +11,11 @@ from __future__ import annotations
 from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from service.errors import KnowpatchError
-from service.inference import GenerateParams, GenerateResult
+from service.inference import ExportStream, GenerateParams, GenerateResult
 
 # Limits of a generation or score request, on the public and the internal routes alike.
 MAX_INPUT_CHARS = 8000
@@ -28,6 +30,8 @@ GENERATE_STREAM = "/internal/generate_stream"
 SCORE = "/internal/score"
 CHAT_PROMPT = "/internal/chat_prompt"
 INFO = "/internal/info"
+EXPORT = "/internal/export"  # GET ?format=merged|peft&rank=N: a tar stream, as GET /admin/export answers
+MODEL_VERSION_HEADER = "X-Model-Version"
 
 T = TypeVar("T")
 
@@ -104,3 +108,23 @@ def decode(kind: type[T], data: Any, where: str) -> T:
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in exc.errors()[:3])
         raise KnowpatchError(f"{where} sent a malformed {getattr(kind, '__name__', kind)}: {problems}") from None
+
+
+class TarResponse(StreamingResponse):
+    """An export's tar stream, as the worker and the public API both answer it. The stream is closed
+    (its temporary folder deleted, or its connection to the worker released) however the response
+    ends: when the client goes away, Starlette stops iterating and leaves the iterator unclosed."""
+
+    def __init__(self, stream: ExportStream) -> None:
+        headers = {"Content-Disposition": f'attachment; filename="{stream.folder}.tar"',
+                   MODEL_VERSION_HEADER: str(stream.model_version)}
+        if stream.size is not None:
+            headers["Content-Length"] = str(stream.size)
+        super().__init__(stream.chunks, media_type="application/x-tar", headers=headers)
+        self.stream = stream
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.stream.close()

@@ -86,6 +86,13 @@ def small_text() -> Path:
 @pytest.fixture
 def pg_url() -> Iterator[str]:
     """A SQLAlchemy URL of a fresh, empty Postgres database, dropped after the test."""
+    with fresh_postgres() as url:
+        yield url
+
+
+@contextmanager
+def fresh_postgres() -> Iterator[str]:
+    """pg_url's database for a wider scope: a fresh, empty one, dropped when the block ends."""
     import psycopg
     from psycopg import sql
     from sqlalchemy.engine import URL

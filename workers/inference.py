@@ -6,13 +6,17 @@ import asyncio
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import aclosing
+from pathlib import Path
 
 from service.engine.editor import Editor
 from service.engine.prompts import Row
 from service.engine.scoring import continuation_row
 from service.errors import InvalidRequest, KnowpatchError, Unavailable
-from service.inference import BackendInfo, GenerateParams, GenerateResult, ScoreResult, StreamEvent
+from service.export import Sessions
+from service.inference import (BackendInfo, ExportFormat, ExportStream, GenerateParams, GenerateResult, ScoreResult,
+                               StreamEvent)
 from workers.batching import Batcher, BatchLimits
+from workers.export import Exports
 from workers.generation import position_limit, prompt_ids
 from workers.jobs import AsyncSink, GenerationJob, Job, ScoreJob
 
@@ -22,15 +26,19 @@ class LocalBackend:
 
     `not_ready`: why the backend cannot serve edited answers now (the worker's Worker.not_ready:
     replaying, its loop stopped, stuck or retrying after an error), None when it can.
-    `limits`: the decoder's bounds; default: read from the environment (BatchLimits)."""
+    `limits`: the decoder's bounds; default: read from the environment (BatchLimits).
+    `ledger`: the ledger the worker writes, read by exports (none: exports answer Unavailable);
+    `export_dir`: where exports are written before they are streamed (default: the system's TMPDIR)."""
 
     def __init__(self, editor: Editor, *, version_wait_s: float = 30.0,
-                 not_ready: Callable[[], str | None] = lambda: None, limits: BatchLimits | None = None) -> None:
+                 not_ready: Callable[[], str | None] = lambda: None, limits: BatchLimits | None = None,
+                 ledger: Sessions | None = None, export_dir: Path | None = None) -> None:
         self.editor = editor
         self.version_wait_s = version_wait_s
         self.not_ready = not_ready
         self.limits = limits or BatchLimits()
         self.batcher = Batcher(editor, self.limits)
+        self.exports = Exports(editor, ledger, lambda: self.not_ready(), export_dir)
 
     async def _wait_for(self, version: int | None) -> None:
         if version is None or self.editor.version >= version:
@@ -132,6 +140,9 @@ class LocalBackend:
 
     async def info(self) -> BackendInfo:
         return await asyncio.to_thread(self._info)
+
+    async def export(self, export_format: ExportFormat, rank: int | None = None) -> ExportStream:
+        return await self.exports.start(export_format, rank)
 
     def close(self) -> None:
         """Stop the decoding loop; requests still waiting get Unavailable."""

@@ -11,13 +11,13 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import Depends, FastAPI, Header, Request
+from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from service import wire
 from service.errors import InvalidRequest, KnowpatchError, NotFound, Unauthorized
-from service.inference import BackendInfo, GenerateResult, ScoreResult
+from service.inference import BackendInfo, ExportFormat, GenerateResult, ScoreResult
 from workers.inference import LocalBackend
 
 log = logging.getLogger(__name__)
@@ -88,6 +88,12 @@ def create_worker_app(backend: LocalBackend, *, token: str, max_new_tokens_limit
     @app.get(wire.INFO, dependencies=internal)
     async def info() -> BackendInfo:
         return await backend.info()
+
+    @app.get(wire.EXPORT, dependencies=internal)
+    async def export(export_format: Annotated[ExportFormat, Query(alias="format")] = "merged",
+                     rank: Annotated[int | None, Query()] = None) -> wire.TarResponse:
+        """The tar stream, Content-Length and model version headers included; the API passes it on."""
+        return wire.TarResponse(await backend.export(export_format, rank))
 
     @app.get("/health")
     async def health() -> wire.HealthReply:

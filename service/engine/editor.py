@@ -231,7 +231,8 @@ class Editor:
                 self.adapter.assign(layer, weight)
             self.version = version
             self._served_digest = swap.digest
-        self.store.apply(swap.change)
+            # Under the lock too: a reader (an export, /info) sees the store of the version it reads.
+            self.store.apply(swap.change)
 
     def load(self, edits: Sequence[EditFactors], version: int) -> None:
         """Replay active edits (ledger order) onto a fresh editor: the store's sums in one pass."""

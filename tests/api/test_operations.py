@@ -80,7 +80,7 @@ EXPECTED_ROUTES = {
     ("/edits", "post"), ("/edits", "get"), ("/edits/{edit_id}", "get"), ("/edits/{edit_id}", "delete"),
     ("/edits/{edit_id}/rollback", "post"), ("/generate", "post"), ("/generate_stream", "post"), ("/score", "post"),
     ("/v1/completions", "post"), ("/v1/chat/completions", "post"), ("/v1/models", "get"), ("/health", "get"),
-    ("/ready", "get"), ("/info", "get"), ("/metrics", "get"),
+    ("/ready", "get"), ("/info", "get"), ("/metrics", "get"), ("/admin/export", "get"),
 }
 
 

@@ -23,7 +23,7 @@ SCOPES_OF_KEYS = {"writer": {"edits:write", "generate"}, "admin": {"edits:admin"
                   "generator": {"generate"}, "everything": {"edits:admin", "edits:write", "generate"}}
 # The worker's internal server (workers/server.py): what the API forwards to it.
 INTERNAL = [("POST", "/internal/generate"), ("POST", "/internal/generate_stream"), ("POST", "/internal/score"),
-            ("POST", "/internal/chat_prompt"), ("GET", "/internal/info")]
+            ("POST", "/internal/chat_prompt"), ("GET", "/internal/info"), ("GET", "/internal/export")]
 WRONG_KEYS = [f"kp-wrong-{secrets.token_urlsafe(12)}" for _ in range(2)]
 
 
