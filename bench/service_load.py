@@ -7,6 +7,7 @@ against ledger size. Prints a table; the last line is one JSON object.
                                            [--requests 24] [--rollbacks 3] [--quick]
     .venv/bin/python bench/service_load.py --url http://127.0.0.1:8000   # HTTP-only parts, on a running service
     .venv/bin/python bench/service_load.py --generation-only   # generation and patched/base only (see below)
+    .venv/bin/python bench/service_load.py --first-start-only  # the first start with an empty cache, then a warm one
 
 --generation-only skips the edits, rollbacks and restarts: the patched service replays a SYNTHETIC
 ledger of --patched-edits edits (bench/_ledger_fill.py) instead of applying real ones, which is
@@ -100,8 +101,9 @@ class Service:
 
     threads: int | None = None  # --service-threads: OMP/MKL threads of the services (None: their default)
 
-    def __init__(self, name: str, data_dir: Path, batch_size: int, logs: Path) -> None:
+    def __init__(self, name: str, data_dir: Path, batch_size: int, logs: Path, cache_dir: Path | None = None) -> None:
         self.name, self.data_dir, self.batch_size = name, data_dir, batch_size
+        self.cache_dir = cache_dir  # set: a cache of its own and the shipped defaults (the `self` corpus)
         self.started_at: float | None = None  # wall clock (time.time) of the process start
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -113,12 +115,14 @@ class Service:
         env = {k: v for k, v in os.environ.items() if not k.startswith("KNOWPATCH_")}
         env.update({
             "KNOWPATCH_DATA_DIR": str(self.data_dir),
-            "KNOWPATCH_CORPUS": str(CORPUS),
-            "KNOWPATCH_STATS_TOKENS": "20000",
             "KNOWPATCH_BATCH_SIZE": str(self.batch_size),
             "KNOWPATCH_VERSION_WAIT_S": "120",
             "PYTHONUNBUFFERED": "1",
         })
+        if self.cache_dir is None:
+            env.update({"KNOWPATCH_CORPUS": str(CORPUS), "KNOWPATCH_STATS_TOKENS": "20000"})
+        else:
+            env["KNOWPATCH_CACHE_DIR"] = str(self.cache_dir)
         if self.threads:
             env.update({"OMP_NUM_THREADS": str(self.threads), "MKL_NUM_THREADS": str(self.threads)})
         return env
@@ -569,6 +573,23 @@ def http_phases(url: str, args, log, single_posts: bool, base_service=None) -> d
     return out
 
 
+def first_start_phase(services: Services, work: Path, log) -> dict:
+    """The embedded default's first start with an empty cache (GGUF conversion, the self corpus,
+    key statistics, null spaces), process start to /ready 200, then a warm restart on that cache."""
+    cache, data = work / "cache-first-start", work / "data-first-start"
+    service = Service("first-start", data, 8, services.logs, cache_dir=cache)
+    services.started.append(service)
+    log("first start of the shipped defaults with an empty cache (model conversion, self corpus, statistics) ...")
+    service.start()
+    first = service.ready_s
+    log(f"first start ready in {first:.1f} s; warm restart ...")
+    service.stop()
+    service.start()
+    log(f"warm restart ready in {service.ready_s:.1f} s")
+    service.stop()
+    return {"first_start_s": first, "warm_restart_s": service.ready_s}
+
+
 def generation_phases(services: Services, work: Path, args, log) -> dict:
     """--generation-only: a base service (1/8/32 clients), then a patched one replaying a synthetic
     ledger (1/8 clients), then the interleaved patched/base comparison with both running."""
@@ -596,7 +617,7 @@ def run(args) -> dict:
     results: dict = {"mode": mode, "args": {
         k: getattr(args, k) for k in ("edits_b1", "edits_b8", "patched_edits", "requests", "rollbacks", "cf_offset",
                                       "restart_repeats", "service_threads", "quick", "generation_only",
-                                      "rounds")}}
+                                      "rounds", "first_start", "first_start_only")}}
     started = time.monotonic()
 
     loads = results.setdefault("load1", [])
@@ -630,9 +651,19 @@ def run(args) -> dict:
     log(f"work folder {work} (service logs in {logs})")
     services = Services(logs)
     ok = False
+    if args.first_start_only:
+        try:
+            results["first_start"] = first_start_phase(services, work, log)
+            ok = True
+        finally:
+            services.stop_all()
+            shutil.rmtree(work, ignore_errors=True)
+        return results
     if args.generation_only:
         try:
             results.update(generation_phases(services, work, args, log))
+            if args.first_start:
+                results["first_start"] = first_start_phase(services, work, log)
             ok = True
         finally:
             services.stop_all()
@@ -662,6 +693,8 @@ def run(args) -> dict:
         real.stop()
         # synthetic ledgers
         results["restart"] = restart_phase(services, work, [0, 100, 1000], args.restart_repeats, log)
+        if args.first_start:
+            results["first_start"] = first_start_phase(services, work, log)
         ok = True
     finally:
         services.stop_all()
@@ -683,7 +716,17 @@ def _r(x, nd=1):
     return None if x is None else round(x, nd)
 
 
+def report_first_start(res: dict) -> dict:
+    first = res["first_start"]
+    print(f"first start, empty cache, shipped defaults: ready in {first['first_start_s']:.1f} s (wanted <= 180 quiet); "
+          f"warm restart {first['warm_restart_s']:.1f} s (wanted <= 8); 1-minute load up to {max(res['load1']):.2f}")
+    return {"first_start_s": _r(first["first_start_s"]), "warm_restart_s": _r(first["warm_restart_s"], 2),
+            "load1_max": max(res["load1"]), "mode": res["mode"], "args": res["args"]}
+
+
 def report(res: dict) -> dict:
+    if "base" not in res:
+        return report_first_start(res)
     base, patched = res["base"], res["patched"]
     seq_ratio = patched[1]["p50_ms"] / base[1]["p50_ms"] if base[1]["p50_ms"] and patched[1]["p50_ms"] else None
     ab = res.get("ab")
@@ -799,6 +842,8 @@ def report(res: dict) -> dict:
         "restart_real_edits": (res.get("restart_real") or {}).get("edits"),
         "startup_parts_s_1000": {k: _r(v, 2) for k, v in restart.get(1000, {}).items()
                                  if k in dict(STARTUP_PARTS)} or None,
+        "first_start_s": _r((res.get("first_start") or {}).get("first_start_s")),
+        "warm_restart_s": _r((res.get("first_start") or {}).get("warm_restart_s"), 2),
         "load1_max": max(res.get("load1") or [0]),
         "edits_failed": sum((res.get(k) or {}).get("failed", 0) for k in ("b1", "b8", "patch_fill")),
         "mode": res["mode"],
@@ -841,6 +886,10 @@ def main() -> None:
     parser.add_argument("--generation-only", action="store_true",
                         help="only generation latency/throughput and patched/base (synthetic patched ledger); "
                              "no edits, rollbacks or restarts")
+    parser.add_argument("--first-start", action="store_true",
+                        help="also measure the first start of the shipped defaults with an empty cache (model "
+                             "conversion, self corpus, statistics: minutes) and a warm restart")
+    parser.add_argument("--first-start-only", action="store_true", help="only the first-start measurement")
     parser.add_argument("--keep", action="store_true", help="keep the temp folder (ledgers, logs)")
     args = parser.parse_args()
     if args.url and args.generation_only:
