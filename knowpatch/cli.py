@@ -155,6 +155,22 @@ def _redis_queue(settings: Settings):
     return RedisStreamQueue(settings.redis_url, settings.queue_stream, settings.queue_group, consumer)
 
 
+class _KillOnPublish:
+    """Testing knob of the API (KNOWPATCH_FAULT_INJECTION=after_ledger_write): the queue's publish comes
+    right after the ledger commit of an edit or a rollback (service.edits.publish), so dying here, as a
+    SIGKILL would, leaves the operation recorded and never enqueued, and its client with no answer."""
+
+    def __init__(self, queue) -> None:
+        self._queue = queue
+
+    def publish(self, seq: int) -> None:
+        log.error("fault injection: killing the API after the ledger write of operation %d, before its enqueue", seq)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    def __getattr__(self, name: str):
+        return getattr(self._queue, name)
+
+
 def cmd_api(args: argparse.Namespace, settings: Settings) -> int:
     """The API alone (no torch): ledger + Redis queue; inference forwarded to the worker."""
     import uvicorn
@@ -167,7 +183,10 @@ def cmd_api(args: argparse.Namespace, settings: Settings) -> int:
         raise SystemExit("KNOWPATCH_DATABASE_URL is required for the split deployment")
     worker_url = settings.worker_url or f"http://{settings.worker_host}:{settings.worker_port}"
     backend = HttpBackend(worker_url, timeout=settings.version_wait_s + 300, token=internal_token(settings))
-    app = create_app(settings, session_factory=_ledger(settings, migrate_first=False), queue=_redis_queue(settings),
+    queue = _redis_queue(settings)
+    if settings.fault_injection == "after_ledger_write":
+        queue = _KillOnPublish(queue)
+    app = create_app(settings, session_factory=_ledger(settings, migrate_first=False), queue=queue,
                      backend=backend, lifespan_hooks=[backend.lifespan])
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0

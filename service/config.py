@@ -73,7 +73,7 @@ class Settings(BaseSettings):
     api_keys: str | None = Field(None, description="API keys: 'name:key:scope1,scope2;...' or a path to a JSON file")
     version_wait_s: float = Field(30.0, description="longest wait for min_model_version")
     max_new_tokens_limit: int = 512
-    fault_injection: str | None = Field(None, description="testing only: after_compute | after_commit | during_rollback kills the worker there")
+    fault_injection: str | None = Field(None, description="testing only: after_compute | after_commit | during_rollback kills the worker there; after_ledger_write kills the API (split) between an operation's ledger commit and its enqueue")
 
     def resolved_database_url(self) -> str:
         if self.database_url:

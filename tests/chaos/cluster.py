@@ -1,7 +1,9 @@
 """The split deployment as real processes, for fault trials: `knowpatch api` and `knowpatch worker` on a
 tiny random Llama (saved as a Hugging Face folder, so the worker loads it like any model), a Postgres
-database of their own on the shared server, and a redis-server of their own on a private port, so that
-killing it never touches the Redis other tests use. Shared by tests/chaos and bench/chaos.py.
+of their own (a throwaway cluster, initdb into a temporary folder, on a free port, so that stopping it
+never touches the machine's shared server; or, where initdb is missing, a database of their own on the
+shared server), and a redis-server of their own on a private port, so that killing it never touches the
+Redis other tests use. Shared by tests/chaos and bench/chaos.py.
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import secrets
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass
@@ -133,6 +136,109 @@ class Database:
             admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(self.name)))
 
 
+class PostgresMissing(RuntimeError):
+    """A private Postgres cluster cannot be made here (no initdb/pg_ctl, or nobody to run them as)."""
+
+
+def postgres_bin() -> Path:
+    """The folder of initdb and pg_ctl: on the PATH, else the newest /usr/lib/postgresql/*/bin."""
+    found = shutil.which("initdb")
+    if found and shutil.which("pg_ctl"):
+        return Path(found).parent
+    candidates = sorted(Path("/usr/lib/postgresql").glob("*/bin"), key=lambda p: int(p.parent.name)
+                        if p.parent.name.isdigit() else 0)
+    for folder in reversed(candidates):
+        if (folder / "initdb").is_file() and (folder / "pg_ctl").is_file():
+            return folder
+    raise PostgresMissing("initdb and pg_ctl are neither on the PATH nor in /usr/lib/postgresql/*/bin: install the "
+                          "PostgreSQL server package (e.g. apt-get install postgresql) for the Postgres-outage trials")
+
+
+class PrivatePostgres:
+    """A throwaway Postgres cluster of our own: `initdb -A trust` into a temporary folder, one server on a
+    free port of 127.0.0.1 with its unix socket in that folder, so stopping it never touches the
+    machine's shared server. As root, initdb and the server run as the `postgres` user (Postgres refuses
+    to run as root). drop() stops it and deletes the folder."""
+
+    DATABASE = "knowpatch"
+
+    def __init__(self) -> None:
+        import pwd
+
+        self.bin = postgres_bin()
+        self.user: int | None = None  # run as this uid (root only)
+        self.group: int | None = None
+        if os.geteuid() == 0:
+            try:
+                entry = pwd.getpwnam("postgres")
+            except KeyError:
+                raise PostgresMissing("running as root and there is no `postgres` user to run initdb as") from None
+            self.user, self.group = entry.pw_uid, entry.pw_gid
+        self.folder = Path(tempfile.mkdtemp(prefix="knowpatch-pg-"))
+        if self.user is not None:
+            os.chown(self.folder, self.user, self.group)
+        self.data, self.log = self.folder / "data", self.folder / "postgres.log"
+        self.port = free_port()
+        self.stops: list[str] = []  # the modes of the stops so far
+        try:
+            self._run("initdb", "-D", str(self.data), "-A", "trust", "-U", "postgres", "-E", "UTF8",
+                      "--no-sync", "--no-instructions")
+            self.start()
+            import psycopg
+
+            with psycopg.connect(self.admin_url, autocommit=True, connect_timeout=10) as admin:
+                admin.execute(f"CREATE DATABASE {self.DATABASE}")
+        except BaseException:
+            self.drop()
+            raise
+        self.url = f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{self.DATABASE}"
+
+    @property
+    def admin_url(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def _run(self, program: str, *args: str, timeout_s: float = 120) -> None:
+        done = subprocess.run([str(self.bin / program), *args], **self._as_owner(), capture_output=True, text=True,
+                              timeout=timeout_s)
+        if done.returncode != 0:
+            raise AssertionError(f"{program} {' '.join(args)} failed ({done.returncode}): "
+                                 f"{(done.stdout + done.stderr)[-2000:]}\n{self.tail()}")
+
+    def _as_owner(self) -> dict:
+        """subprocess arguments that run a program as the cluster's owner, in its folder."""
+        owner = {"user": self.user, "group": self.group, "extra_groups": []} if self.user is not None else {}
+        return owner | {"cwd": self.folder}
+
+    def tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def start(self) -> None:
+        """Start the server and wait until it accepts connections (after a crash: once WAL recovery ends)."""
+        options = f"-p {self.port} -k {self.folder} -c listen_addresses=127.0.0.1 -c max_connections=40"
+        self._run("pg_ctl", "start", "-D", str(self.data), "-l", str(self.log), "-w", "-t", "120", "-o", options,
+                  timeout_s=150)
+
+    def stop(self, mode: str = "fast") -> None:
+        """pg_ctl stop -m fast (open connections cut, a clean shutdown) or -m immediate (every server
+        process killed at once, as in a crash: WAL recovery at the next start)."""
+        assert mode in ("fast", "immediate"), mode
+        self._run("pg_ctl", "stop", "-D", str(self.data), "-m", mode, "-w", "-t", "120", timeout_s=150)
+        self.stops.append(mode)
+
+    def running(self) -> bool:
+        return subprocess.run([str(self.bin / "pg_ctl"), "status", "-D", str(self.data)], **self._as_owner(),
+                              capture_output=True).returncode == 0
+
+    def drop(self) -> None:
+        if (self.data / "postmaster.pid").exists():
+            subprocess.run([str(self.bin / "pg_ctl"), "stop", "-D", str(self.data), "-m", "immediate", "-w"],
+                           **self._as_owner(), capture_output=True, timeout=150)
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
 @dataclass(frozen=True)
 class Keys:
     """Fresh random API keys per cluster, so that a key found in a log or a reply is certainly a leak."""
@@ -155,18 +261,32 @@ class Keys:
 
 
 class Cluster:
-    """API + worker + own Postgres database + own redis-server. The API keeps running across worker and
-    Redis restarts, as in production; the tests drive it over HTTP and read the ledger directly."""
+    """API + worker + own Postgres + own redis-server. The API keeps running across worker, Redis and
+    Postgres restarts, as in production (only the API-kill trial restarts it, as its supervisor would);
+    the tests drive it over HTTP and read the ledger directly."""
 
     def __init__(self, workdir: Path, *, batch_size: int = 4, version_wait_s: float = 1.0,
-                 max_new_tokens_limit: int = 16) -> None:
+                 max_new_tokens_limit: int = 16, postgres: str = "auto") -> None:
+        """postgres: 'private' (a throwaway cluster of our own, PrivatePostgres, which the Postgres-outage
+        trials need), 'shared' (a database on the shared server) or 'auto' (private where initdb is
+        available, else shared; `private_postgres_missing` then says why)."""
         from service.ledger.db import make_engine, migrate, session_factory
 
+        assert postgres in ("auto", "private", "shared"), postgres
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.keys = Keys.fresh()
         self.internal_token = f"kp-internal-{secrets.token_urlsafe(18)}"  # the API's key to the worker's routes
-        self.database = Database()
+        self.private_postgres: PrivatePostgres | None = None
+        self.private_postgres_missing: str | None = None
+        if postgres != "shared":
+            try:
+                self.private_postgres = PrivatePostgres()
+            except PostgresMissing as exc:
+                if postgres == "private":
+                    raise
+                self.private_postgres_missing = str(exc)
+        self.database: Database | PrivatePostgres = self.private_postgres or Database()
         self.redis = RedisServer(workdir / "redis").start()
         self.api_port, self.worker_port = free_port(), free_port()
         self.cache_dir = workdir / "cache"  # statistics of the tiny model (cheap) and the factor-store snapshot
@@ -196,6 +316,7 @@ class Cluster:
         self.api: Process | None = None
         self.worker: Process | None = None
         self.worker_starts = 0
+        self.api_starts = 0
         self._clients: dict[str | None, httpx.Client] = {}
 
     # ---- processes ---------------------------------------------------------------------------
@@ -216,9 +337,21 @@ class Cluster:
     def worker_log(self) -> Path:
         return self.workdir / "worker.log"
 
-    def start_api(self) -> Process:
-        self.api = Process(["api", "--port", str(self.api_port)], self.env, self.api_log)
+    def start_api(self, fault: str | None = None) -> Process:
+        """An API process (with KNOWPATCH_FAULT_INJECTION=fault), returned once it serves /health."""
+        assert not self.api_alive(), "an API is still running"
+        env = self.env | ({"KNOWPATCH_FAULT_INJECTION": fault} if fault else {})
+        self.api = Process(["api", "--port", str(self.api_port)], env, self.api_log)
+        self.api_starts += 1
         return self.api.start(f"{self.api_url}/health", START_S)
+
+    def api_alive(self) -> bool:
+        return self.api is not None and self.api.proc is not None and self.api.proc.poll() is None
+
+    def stop_api(self) -> None:
+        """SIGTERM (the supervisor replacing it): requests in progress finish."""
+        if self.api is not None:
+            self.api.stop()
 
     def start_worker(self, fault: str | None = None) -> Process:
         """A worker (with KNOWPATCH_FAULT_INJECTION=fault), returned once it serves /ready. With a fault

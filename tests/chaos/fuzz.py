@@ -30,8 +30,20 @@ class FuzzReport:
     operations: int = 0
     unsatisfiable: list[str] = field(default_factory=list)  # operations and modes with nothing to generate
 
+    rounds: int = 0  # passes over every operation, each with its own seed
+
+    def add(self, other: "FuzzReport") -> None:
+        self.requests += other.requests
+        self.by_status.update(other.by_status)
+        self.server_errors += other.server_errors
+        self.documented_503 += other.documented_503
+        self.failures += other.failures
+        self.operations = max(self.operations, other.operations)
+        self.unsatisfiable = sorted(set(self.unsatisfiable) | set(other.unsatisfiable))
+        self.rounds += other.rounds
+
     def figures(self) -> dict[str, Any]:
-        return {"fuzz_operations": self.operations, "fuzz_requests": self.requests,
+        return {"fuzz_operations": self.operations, "fuzz_requests": self.requests, "fuzz_rounds": self.rounds,
                 "fuzz_5xx": sum(n for s, n in self.by_status.items() if s >= 500),
                 "fuzz_5xx_undocumented": len(self.server_errors), "fuzz_503_documented": self.documented_503,
                 "fuzz_nonconforming": len(self.failures),
@@ -103,5 +115,16 @@ def fuzz(api_url: str, key: str, examples: int, seed: int = 0) -> FuzzReport:
                 test()
             except Unsatisfiable:  # nothing to send in this mode (no parameters to break, say)
                 report.unsatisfiable.append(label)
+    report.rounds = 1
     return report
+
+
+def fuzz_at_least(api_url: str, key: str, examples: int, min_requests: int, seed: int = 0) -> FuzzReport:
+    """fuzz() with seed, seed + 1, ... until at least `min_requests` requests were sent in all (operations
+    with few distinct cases, such as those without parameters, send fewer than `examples`)."""
+    report = FuzzReport()
+    while True:
+        report.add(fuzz(api_url, key, examples, seed=seed + report.rounds))
+        if report.requests >= min_requests or report.requests == 0:
+            return report
 

@@ -3,8 +3,9 @@
 - every accepted edit is in the ledger and applied, rolled back, cancelled, failed with a reason, or
   still queued; every accepted rollback is done or failed with a reason; nothing is left 'applying';
 - nothing happened twice: one apply operation per edit, at most one done rollback, at most one
-  'applied' and one 'rolled_back' event, factor rows exactly for the edits whose apply is done, and an
-  Idempotency-Key retry answered with the first request's edits;
+  'applied' and one 'rolled_back' event, factor rows exactly for the edits whose apply is done, an
+  Idempotency-Key retry answered with the first request's edits, and a request sent again with its key
+  after a 503 or a dropped connection answered with exactly the edits the ledger holds under that key;
 - each edit's status is the one its operations imply;
 - the hash chain verifies (every link and every factor checksum);
 - the served weights are the ledger's: the worker's digest and version equal the ledger head's, and
@@ -20,7 +21,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service.errors import KnowpatchError
 from service.ledger import repository as repo
-from service.ledger.models import Edit, EditEvent, EditFactor, Operation
+from service.ledger.models import Edit, EditEvent, EditFactor, IdempotencyKey, Operation
 from tests.chaos.workload import Accepted
 
 PENDING = ("queued", "applying")
@@ -32,13 +33,15 @@ class Findings:
     duplicated: list[str] = field(default_factory=list)  # applied (or rolled back, or created) twice
     inconsistent: list[str] = field(default_factory=list)  # statuses, reasons or factors that do not add up
     weight_mismatches: list[str] = field(default_factory=list)
+    recovery: list[str] = field(default_factory=list)  # a process that died or stayed unready, work left pending
     statuses: Counter = field(default_factory=Counter)  # of the accepted edits, at the end
     chain_length: int = 0
 
     @property
     def problems(self) -> list[str]:
         return [f"lost: {x}" for x in self.lost] + [f"duplicated: {x}" for x in self.duplicated] + \
-            [f"inconsistent: {x}" for x in self.inconsistent] + [f"weights: {x}" for x in self.weight_mismatches]
+            [f"inconsistent: {x}" for x in self.inconsistent] + [f"weights: {x}" for x in self.weight_mismatches] + \
+            [f"recovery: {x}" for x in self.recovery]
 
 
 def pending_operations(sessions: sessionmaker[Session]) -> int:
@@ -97,11 +100,11 @@ def check_ledger(sessions: sessionmaker[Session], accepted: Accepted, layers: in
         rows = dict(session.execute(select(EditFactor.edit_id, func.count()).group_by(EditFactor.edit_id)).all())
         for edit in edits.values():
             _check_edit(edit, ops[edit.id], events[edit.id], int(rows.get(edit.id, 0)), layers, findings)
-        _check_accepted(accepted, edits, ops, findings)
+        _check_accepted(session, accepted, edits, ops, findings)
     return findings
 
 
-def _check_accepted(accepted: Accepted, edits: dict[str, Edit], ops: dict[str, list[Operation]],
+def _check_accepted(session: Session, accepted: Accepted, edits: dict[str, Edit], ops: dict[str, list[Operation]],
                     findings: Findings) -> None:
     for edit_id in accepted.edits:
         edit = edits.get(edit_id)
@@ -122,6 +125,11 @@ def _check_accepted(accepted: Accepted, edits: dict[str, Edit], ops: dict[str, l
     for first, again in accepted.retries:
         if first != again:
             findings.duplicated.append(f"an Idempotency-Key retry created edits {again}, the first request {first}")
+    for requester, key, ids in accepted.keyed:
+        row = session.get(IdempotencyKey, (requester, key))
+        if row is None or list(row.edit_ids) != ids:
+            findings.duplicated.append(f"Idempotency-Key {key} was answered with edits {ids}, but the ledger holds "
+                                       f"{None if row is None else row.edit_ids} under it")
 
 
 @dataclass(frozen=True)
