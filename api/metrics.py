@@ -1,7 +1,7 @@
 """Prometheus metrics of one app, in its own registry.
 
-Ledger-derived values (edits by status, queue depth, ledger head, apply latency) are read from the
-ledger at scrape time by LedgerCollector, so they are right whichever process changed the ledger.
+Ledger-derived values (edits by status, queue depth, ledger head, apply latency, quality gates) are
+read from the ledger at scrape time by LedgerCollector, so they are right whichever process changed the ledger.
 Generation latency and tokens are observed by the routes of this process.
 """
 from __future__ import annotations
@@ -22,6 +22,7 @@ from service.queue import OperationQueue
 log = logging.getLogger(__name__)
 
 APPLY_LATENCY_WINDOW = 100  # most recent applied edits the apply-latency gauges summarize
+GATE_SECONDS_WINDOW = 100  # most recent gated edits the gate-seconds gauges summarize
 GENERATE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
 
@@ -48,6 +49,7 @@ class LedgerCollector(Collector):
             counts, pending = repo.status_counts(session), repo.queue_depth(session)
             head_seq, _ = repo.head(session)
             latencies = repo.recent_apply_seconds(session, APPLY_LATENCY_WINDOW)
+            gates = repo.gate_stats(session, GATE_SECONDS_WINDOW)
         edits = GaugeMetricFamily("knowpatch_edits", "Edits in the ledger by status", labels=["status"])
         for status, count in counts.items():
             edits.add_metric([status], count)
@@ -62,6 +64,7 @@ class LedgerCollector(Collector):
             yield GaugeMetricFamily("knowpatch_edit_apply_seconds_median", "Median seconds from 'applying' to "
                                     f"'applied' over the last {APPLY_LATENCY_WINDOW} applied edits",
                                     value=statistics.median(latencies))
+        yield from _gate_metrics(gates)
 
     def _queue_metrics(self) -> Iterator[Metric]:
         try:
@@ -71,6 +74,25 @@ class LedgerCollector(Collector):
             return
         yield GaugeMetricFamily("knowpatch_queue_messages", "Messages in the work queue (waiting or unacknowledged)",
                                 value=depth)
+
+
+def _gate_metrics(gates: repo.GateStats) -> Iterator[Metric]:
+    evaluations = GaugeMetricFamily("knowpatch_gate_evaluations", "Edits whose quality gates were measured, by "
+                                    "outcome: passed (applied, or applied then rolled back), rejected, checked "
+                                    "(dry runs)", labels=["outcome"])
+    for outcome, count in gates.outcomes.items():
+        evaluations.add_metric([outcome], count)
+    yield evaluations
+    rejections = GaugeMetricFamily("knowpatch_gate_rejections", "Rejected edits by the gate that rejected them "
+                                   "(efficacy, generalisation, locality_drop, or probe for any probe)", labels=["gate"])
+    for gate, count in gates.rejections.items():
+        rejections.add_metric([gate], count)
+    yield rejections
+    if gates.recent_seconds:
+        yield GaugeMetricFamily("knowpatch_gate_seconds_last", "Seconds the quality gates took for the most "
+                                "recently gated edit (gates_s: its batch's gates)", value=gates.recent_seconds[0])
+        yield GaugeMetricFamily("knowpatch_gate_seconds_median", "Median gates_s over the last "
+                                f"{GATE_SECONDS_WINDOW} gated edits", value=statistics.median(gates.recent_seconds))
 
 
 class ApiMetrics:

@@ -31,6 +31,7 @@ class NewEdit:
     metadata: dict[str, Any] | None = None
     method: str | None = None
     gates: Gates | None = None  # the edit's own quality gates, on top of the server's
+    dry_run: bool = False  # computed, measured and gated in its turn, recorded 'checked', never served
 
     def __post_init__(self) -> None:
         check_json_text("metadata", self.metadata)  # stored and hashed with the request: every ledger must take it
@@ -44,6 +45,8 @@ class NewEdit:
             data["metadata"] = self.metadata
         if self.gates is not None:
             data["gates"] = self.gates.to_dict()
+        if self.dry_run:  # only when set: a real edit's stored request (and its Idempotency-Key hash) is as before
+            data["dry_run"] = True
         return data
 
 

@@ -20,6 +20,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy.orm import Session
 
@@ -30,6 +31,7 @@ from service.engine.types import EditRequest, RequestMetrics
 from service.errors import KnowpatchError, LedgerCorrupt, Unavailable
 from service.ledger import repository as repo
 from service.ledger import tensors
+from service.ledger.models import Operation
 from service.queue.base import OperationQueue
 
 log = logging.getLogger(__name__)
@@ -47,6 +49,7 @@ class Job:
     request: EditRequest
     method: str
     gates: Gates  # the server's with the edit's own on top
+    dry_run: bool = False  # computed, measured and gated alone, recorded 'checked', never installed
 
 
 @dataclass
@@ -273,6 +276,7 @@ class Worker:
                 # Claimed before and never finished (an error, or the worker died): retried alone, so
                 # that an operation that keeps failing cannot take its batch-mates down with it.
                 ops = ops[:1]
+            ops = _dry_runs_alone(session, ops)
             claimed = repo.mark_applying(session, ops, batch_id)
             session.commit()  # the attempt counts even if what follows fails or kills the worker
             exhausted = [op for op in claimed if (op.attempts or 0) > self.max_attempts]
@@ -295,7 +299,8 @@ class Worker:
     def _job(self, session: Session, op) -> Job:
         edit = repo.get_edit(session, op.edit_id)
         own = Gates.from_dict(edit.request.get("gates"))
-        return Job(op.seq, edit.id, EditRequest.from_dict(edit.request), edit.method, self.gates.merged(own))
+        return Job(op.seq, edit.id, EditRequest.from_dict(edit.request), edit.method, self.gates.merged(own),
+                   _is_dry_run(edit.request))
 
     # ---- applying ----------------------------------------------------------------------------
 
@@ -339,8 +344,10 @@ class Worker:
                 self._settle([job], alone, single)
 
     def _settle(self, jobs: list[Job], computed: Computed, batch_id: str) -> None:
-        """Publish the computed weights, or (one edit that failed a gate) reject it: nothing installed."""
-        if len(jobs) == 1 and computed.gates[0].failed:
+        """Publish the computed weights, or (a dry run, or one edit that failed a gate) record them unserved."""
+        if jobs[0].dry_run:  # always alone (_dry_runs_alone)
+            self._check(jobs[0], computed)
+        elif len(jobs) == 1 and computed.gates[0].failed:
             self._reject(jobs[0], computed)
         else:
             self._record(jobs, computed, batch_id)
@@ -408,6 +415,18 @@ class Worker:
             session.commit()
         log.warning("edit %s %s", job.edit_id, reason)
 
+    def _check(self, job: Job, computed: Computed) -> None:
+        """A dry run: recorded 'checked' with its measurements and gates; its weights are never installed.
+        (They were still planned in _compute: an edit whose weights a real apply would refuse fails here too.)"""
+        report = computed.gates[0]
+        verdict = "dry run: a real edit would be " + (
+            report.reason() if report.failed else "applied: it passed every quality gate; the model is unchanged")
+        with self.sessions() as session:
+            repo.record_checked(session, job.seq, verdict=verdict, metrics_before=computed.before[0].to_dict(),
+                                metrics_after=computed.metrics_after(0), settings=self.editor.settings())
+            session.commit()
+        log.info("edit %s checked (%s)", job.edit_id, verdict)
+
     def _rollback(self, seq: int, edit_id: str) -> None:
         try:
             swap = self.editor.plan_revert(edit_id, self._ledger_factors(edit_id))
@@ -437,6 +456,20 @@ class Worker:
         if self.fault_injection == point:
             log.error("fault injection: killing the worker %s", point.replace("_", " "))
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _is_dry_run(request: dict[str, Any]) -> bool:
+    return request.get("dry_run") is True  # service.edits.NewEdit.stored writes it only when set
+
+
+def _dry_runs_alone(session: Session, ops: list[Operation]) -> list[Operation]:
+    """Cut a batch so that a dry run is computed alone, as a real edit submitted alone would be: a joint
+    solve with other edits would give it other factors and measurements (and change its batch-mates').
+    A dry run at the head comes alone; otherwise the batch ends before the first dry run."""
+    dry = [op.kind == "apply" and _is_dry_run(repo.get_edit(session, op.edit_id).request) for op in ops]
+    if not ops or dry[0]:
+        return ops[:1]
+    return ops[: dry.index(True)] if True in dry else ops
 
 
 def _reason(exc: BaseException) -> str:

@@ -48,7 +48,7 @@ def new_edit(edit: EditIn, label: str) -> edits.NewEdit:
     try:
         request = EditRequest.from_dict(edit.model_dump())
         gates = Gates.from_dict(edit.gates.model_dump()) if edit.gates is not None else None
-        return edits.NewEdit(request, edit.metadata, edit.method, gates)
+        return edits.NewEdit(request, edit.metadata, edit.method, gates, edit.dry_run)
     except InvalidRequest as exc:
         raise InvalidRequest(f"{label}{exc.message}") from None
 

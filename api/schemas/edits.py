@@ -11,7 +11,8 @@ from api.schemas.common import EDIT_LIST_TAG, NON_BLANK_PATTERN, SINGLE_EDIT_TAG
 from service.engine.types import Method
 from service.engine.validation import MAX_EXTRA_PROMPTS, MAX_PROMPT_CHARS, MAX_SUBJECT_CHARS, MAX_TARGET_CHARS
 
-EditStatus = Literal["queued", "applying", "applied", "failed", "rolled_back", "cancelled", "rejected"]  # models.EDIT_STATUSES
+EditStatus = Literal["queued", "applying", "applied", "failed", "rolled_back", "cancelled", "rejected",
+                     "checked"]  # models.EDIT_STATUSES
 MAX_EDITS_PER_REQUEST = 256
 MAX_METADATA_CHARS = 4096
 MAX_REASON_CHARS = 1000
@@ -87,6 +88,11 @@ class EditIn(BaseModel):
                                         json_schema_extra=prompts_schema())
     method: Method | None = Field(None, description="editing method; default: the server's KNOWPATCH_METHOD")
     gates: GatesIn | None = Field(None, description="quality gates of this edit, on top of the server's")
+    dry_run: bool = Field(False, description="only check the edit: the worker computes it in its turn, alone (never "
+                                             "batched with other edits), measures it before/after and runs the "
+                                             "quality gates on the pending weights, then records it `checked` "
+                                             "(metrics_after.gates says what a real edit would meet); nothing is "
+                                             "installed, the model version and weights stay as they are")
     metadata: dict[str, Any] | None = Field(None, description=f"free JSON kept with the request for audit, at most "
                                                               f"{MAX_METADATA_CHARS} characters as JSON")
 

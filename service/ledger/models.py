@@ -29,8 +29,11 @@ ZERO_HASH = "0" * 64
 OP_KINDS = ("apply", "rollback")
 OP_STATUSES = ("queued", "applying", "done", "failed", "cancelled")
 # rejected: computed, but it failed a quality gate, so it was never served (its operation is 'failed').
-EDIT_STATUSES = ("queued", "applying", "applied", "failed", "rolled_back", "cancelled", "rejected")
-EVENTS = ("queued", "applying", "applied", "failed", "rollback_requested", "rolled_back", "cancelled", "rejected")
+# checked: a dry run, computed and measured (gates included) but never served, whatever the gates said
+# (its operation is 'failed' too: finished, no chain link).
+EDIT_STATUSES = ("queued", "applying", "applied", "failed", "rolled_back", "cancelled", "rejected", "checked")
+EVENTS = ("queued", "applying", "applied", "failed", "rollback_requested", "rolled_back", "cancelled", "rejected",
+          "checked")
 
 # Named constraints, so later migrations (and SQLite batch mode) can refer to them.
 NAMING = {

@@ -346,6 +346,7 @@ def _why_no_rollback(edit: Edit) -> str:
         "failed": "it failed and never changed the model, so there is nothing to roll back",
         "rolled_back": "it has already been rolled back",
         "cancelled": "it was cancelled and never changed the model, so there is nothing to roll back",
+        "checked": "it was a dry run and never changed the model, so there is nothing to roll back",
     }.get(edit.status, "only applied edits can be rolled back")
     return f"edit {edit.id} is {edit.status}: " + why.replace("{id}", edit.id)
 
@@ -476,22 +477,39 @@ def record_rejected(session: Session, op: Operation | int, *, error: str, metric
                     metrics_after: dict[str, Any] | None, settings: dict[str, Any] | None = None) -> None:
     """The edit was computed but failed a quality gate: never served, the model unchanged. Like a failure
     (the op is 'failed', no chain link, no factors), but the edit keeps the measurements that decided it."""
+    _record_unserved(session, op, "rejected", reason=error, error=error, metrics_before=metrics_before,
+                     metrics_after=metrics_after, settings=settings)
+
+
+def record_checked(session: Session, op: Operation | int, *, verdict: str, metrics_before: dict[str, Any] | None,
+                   metrics_after: dict[str, Any] | None, settings: dict[str, Any] | None = None) -> None:
+    """A dry run was computed and measured: recorded like a rejection (the op is 'failed': finished with no
+    chain link, no factors, no model version), whatever its gates said; `verdict` (what a real edit would
+    have met) goes to the 'checked' event."""
+    _record_unserved(session, op, "checked", reason=verdict, error=None, metrics_before=metrics_before,
+                     metrics_after=metrics_after, settings=settings)
+
+
+def _record_unserved(session: Session, op: Operation | int, status: str, *, reason: str, error: str | None,
+                     metrics_before: dict[str, Any] | None, metrics_after: dict[str, Any] | None,
+                     settings: dict[str, Any] | None) -> None:
+    """Finish a computed apply that is never served: the edit keeps its measurements, the model is unchanged."""
     op = _locked_op(session, op)
     if op.kind != "apply":
         raise InvalidRequest(f"operation {op.seq} is a {op.kind}; only applies are gated")
-    _require_pending(op, "record as rejected", claimed=True)
+    _require_pending(op, f"record as {status}", claimed=True)
     now = utcnow()
     op.status = "failed"
     op.finished_at = now
     edit = _locked_edit(session, op.edit_id)
-    edit.status = "rejected"
+    edit.status = status
     edit.updated_at = now
     edit.batch_id = op.batch_id
     edit.metrics_before = metrics_before
     edit.metrics_after = metrics_after
     edit.settings = settings
     edit.error = error
-    _event(session, edit.id, "rejected", seq=op.seq, reason=error)
+    _event(session, edit.id, status, seq=op.seq, reason=reason)
     session.flush()
 
 
@@ -663,6 +681,52 @@ def status_counts(session: Session) -> dict[str, int]:
     for status, n in session.execute(select(Edit.status, func.count()).group_by(Edit.status)):
         counts[status] = int(n)
     return counts
+
+
+# The outcome of an edit whose gates were measured, by its status (a rolled-back edit passed its gates).
+GATE_OUTCOMES = {"applied": "passed", "rolled_back": "passed", "rejected": "rejected", "checked": "checked"}
+THRESHOLD_GATES = ("efficacy", "generalisation", "locality_drop")  # in the order gates.evaluate measures them
+
+
+@dataclass(frozen=True)
+class GateStats:
+    """What the quality gates did, read from the records (metrics_after.gates and gates_s)."""
+
+    outcomes: dict[str, int]  # passed / rejected / checked: edits whose record has gate results
+    rejections: dict[str, int]  # rejected edits by the gate that rejected them
+    recent_seconds: list[float]  # gates_s of the last `window` gated edits, newest first
+
+
+def gate_stats(session: Session, window: int) -> GateStats:
+    """Gate outcomes over the whole ledger, rejections by gate, and the recent gates_s (for /metrics).
+
+    Outcomes and seconds are filtered and extracted in SQL (JSON paths work alike on SQLite and
+    Postgres), so a scrape never loads applied edits' records. The failing gate is parsed in Python
+    from the rejected records only: rejections are few (each is a refused request), and a column for
+    it would duplicate what metrics_after.gates already records, behind another migration."""
+    gates = Edit.metrics_after["gates"]
+    gated = Edit.status.in_(GATE_OUTCOMES) & (gates.as_string() != "{}")  # no key: NULL, not counted
+    outcomes = dict.fromkeys(GATE_OUTCOMES.values(), 0)
+    for status, n in session.execute(select(Edit.status, func.count()).where(gated).group_by(Edit.status)):
+        outcomes[GATE_OUTCOMES[status]] += int(n)
+    rejections = dict.fromkeys((*THRESHOLD_GATES, "probe"), 0)
+    for (after,) in session.execute(select(Edit.metrics_after).where(gated, Edit.status == "rejected")):
+        gate = _failed_gate(after["gates"])
+        rejections[gate] = rejections.get(gate, 0) + 1
+    seconds = session.scalars(select(Edit.metrics_after["gates_s"].as_float())
+                              .where(gated).order_by(Edit.seq.desc()).limit(window))
+    return GateStats(outcomes, rejections, [float(s) for s in seconds if s is not None])
+
+
+def _failed_gate(results: dict[str, Any]) -> str:
+    """The gate that rejected an edit, as a metric label: a threshold's name, or 'probe' for any probe
+    (a label per probe prompt would grow with every edit's own probes). Threshold gates first, as the
+    worker's reason names the first gate that failed, in gates.evaluate's order."""
+    failed = [name for name, result in results.items() if not result.get("passed", True)]
+    for name in THRESHOLD_GATES:
+        if name in failed:
+            return name
+    return "probe" if any(name.startswith("probe:") for name in failed) else "unknown"
 
 
 def queue_depth(session: Session) -> int:

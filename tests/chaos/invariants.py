@@ -49,10 +49,16 @@ def pending_operations(sessions: sessionmaker[Session]) -> int:
         return repo.queue_depth(session)
 
 
-def _expected_status(apply: Operation, rollbacks: list[Operation]) -> str:
+# Edit statuses whose apply operation is 'failed': a failure, a quality gate's rejection, a dry run.
+UNSERVED = ("failed", "rejected", "checked")
+
+
+def _expected_status(apply: Operation, rollbacks: list[Operation], status: str) -> str:
     if apply.status == "done":
         return "rolled_back" if any(op.status == "done" for op in rollbacks) else "applied"
-    return {"failed": "failed", "cancelled": "cancelled"}.get(apply.status, apply.status)
+    if apply.status == "failed":
+        return status if status in UNSERVED else "failed"
+    return apply.status
 
 
 def _check_edit(edit: Edit, ops: list[Operation], events: list[EditEvent], factor_rows: int, layers: int,
@@ -66,7 +72,7 @@ def _check_edit(edit: Edit, ops: list[Operation], events: list[EditEvent], facto
     if sum(op.status == "done" for op in rollbacks) > 1 or names["applied"] > 1 or names["rolled_back"] > 1:
         findings.duplicated.append(f"edit {edit.id}: events {dict(names)}, rollbacks "
                                    f"{[(op.seq, op.status) for op in rollbacks]}")
-    expected = _expected_status(applies[0], rollbacks)
+    expected = _expected_status(applies[0], rollbacks, edit.status)
     if edit.status != expected:
         findings.inconsistent.append(f"edit {edit.id} is {edit.status} but its operations say {expected}")
     if edit.status in PENDING or any(op.status in PENDING for op in ops):

@@ -56,7 +56,7 @@ def test_migrate_twice_is_a_no_op(ledger_url: str) -> None:
             repo.create_edits(s, [{"subject": "A"}], subjects=["A"], requested_by="a", method="alphaedit",
                               idempotency_key=None)
         migrate(ledger_url)
-        assert _revision(ledger_url) == "0004"
+        assert _revision(ledger_url) == "0005"
         with session_factory(engine)() as s:
             assert repo.queue_depth(s) == 1  # data untouched
     finally:
@@ -76,7 +76,7 @@ def test_migrate_creates_the_sqlite_folder(sqlite_url: str) -> None:
     folder = Path(sqlite_url.removeprefix("sqlite:///")).parent
     assert not folder.exists()
     migrate(sqlite_url)
-    assert folder.is_dir() and _revision(sqlite_url) == "0004"
+    assert folder.is_dir() and _revision(sqlite_url) == "0005"
 
 
 def test_alembic_command_line_takes_the_url_from_x(sqlite_url: str, tmp_path: Path) -> None:
@@ -87,7 +87,7 @@ def test_alembic_command_line_takes_the_url_from_x(sqlite_url: str, tmp_path: Pa
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60,
     )
     assert run.returncode == 0, run.stderr
-    assert _revision(sqlite_url) == "0004"
+    assert _revision(sqlite_url) == "0005"
 
 
 def test_alembic_command_line_falls_back_to_the_environment(sqlite_url: str, tmp_path: Path) -> None:
@@ -101,5 +101,29 @@ def test_alembic_command_line_falls_back_to_the_environment(sqlite_url: str, tmp
     try:
         with engine.connect() as conn:
             assert conn.execute(text("SELECT count(*) FROM edits")).scalar() == 0
+    finally:
+        engine.dispose()
+
+
+def test_status_migrations_keep_a_ledger_with_edits_and_downgrade_dry_runs_as_failed(ledger_url: str) -> None:
+    migrate(ledger_url, "0003")  # before the statuses 'rejected' (0004) and 'checked' (0005)
+    engine = make_engine(ledger_url)
+    try:
+        with session_factory(engine).begin() as s:
+            [old], _ = repo.create_edits(s, [{"subject": "A"}], subjects=["A"], requested_by="a",
+                                         method="alphaedit", idempotency_key=None)
+        migrate(ledger_url)  # SQLite copies the edits table, which the operations reference
+        with session_factory(engine).begin() as s:
+            [edit], _ = repo.create_edits(s, [{"subject": "B"}], subjects=["B"], requested_by="a", method="alphaedit",
+                                          idempotency_key=None)
+            ops = repo.mark_applying(s, repo.next_operations(s, 2), "b")
+            repo.record_checked(s, ops[1], verdict="dry run", metrics_before=None, metrics_after={"gates": {}})
+        command.downgrade(alembic_config(ledger_url), "0004")
+        with engine.connect() as conn:
+            rows = dict(conn.execute(text("SELECT id, status FROM edits")).all())
+            error = conn.execute(text("SELECT error FROM edits WHERE id = :i"), {"i": edit.id}).scalar()
+        assert rows == {old.id: "applying", edit.id: "failed"} and "dry run" in error
+        migrate(ledger_url)
+        assert _revision(ledger_url) == "0005"
     finally:
         engine.dispose()

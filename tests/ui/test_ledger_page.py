@@ -12,6 +12,7 @@ import pytest
 
 from service.ledger import repository as repo
 from service.ledger.codec import StoredFactor
+from service.ledger.models import EDIT_STATUSES
 from tests.api.conftest import Api, ApiRunner
 from tests.ui.conftest import Stack, screenshot, use_key
 
@@ -235,3 +236,11 @@ def test_page_is_served_with_a_strict_content_security_policy(api_runner: ApiRun
     assert re.search(r"script-src 'self'(;|$)", policy) and "default-src 'none'" in policy
     for asset in ("ledger.js", "ledger.css"):
         assert api.as_(None).get(f"/ui/assets/{asset}").status_code == 200
+
+
+def test_the_status_filter_offers_every_status(api_runner: ApiRunner) -> None:
+    page = api_runner.start().as_(None).get("/ui").text
+    select = re.search(r'<select id="filter-status">(.*?)</select>', page, re.DOTALL)
+    assert select, "the page has no status filter"
+    options = re.findall(r"<option(?: value=\"\")?>([^<]*)</option>", select.group(1))
+    assert options == ["any", *EDIT_STATUSES]  # a fixed list: a new status must be added to the page

@@ -1,12 +1,15 @@
 """Quality gates in the worker, on a real ledger (SQLite) and a real tiny editor: an edit that fails a
-gate is rejected with its measurements and changes nothing; its batch-mates and the next edit apply."""
+gate is rejected with its measurements and changes nothing; its batch-mates and the next edit apply.
+A dry run is computed alone in its turn, recorded 'checked' with what a real edit would get, and never served."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
 
+from service.edits import NewEdit
 from service.engine.gates import Gates, Probe
+from service.engine.types import EditRequest
 from service.ledger import repository as repo
 from service.ledger.db import make_engine, migrate, session_factory
 from service.queue.local import LocalQueue
@@ -33,6 +36,20 @@ def submit(sessions, subject: str, gates: dict | None, target_new: str = "Rome",
                                       method="alphaedit", idempotency_key=None)
         session.commit()
         return edit.id
+
+
+def submit_new(sessions, edits: list[NewEdit]) -> list[str]:
+    """Queue edits as POST /edits stores them (NewEdit.stored: the dry_run flag included); their ids."""
+    with sessions() as session:
+        rows, _ = repo.create_edits(session, [e.stored() for e in edits], subjects=[e.request.subject for e in edits],
+                                    requested_by="test", method="alphaedit", idempotency_key=None)
+        session.commit()
+        return [row.id for row in rows]
+
+
+def new_edit(subject: str, dry_run: bool = False, gates: Gates | None = None) -> NewEdit:
+    return NewEdit(EditRequest(subject, f"{subject} is located in the city of", "Rome", "Paris"),
+                   gates=gates, dry_run=dry_run)
 
 
 def drain(worker: Worker) -> None:
@@ -96,3 +113,50 @@ def test_a_server_probe_naming_the_subject_is_skipped(parts, sessions):  # noqa:
     with sessions() as session:
         edit = repo.get_edit(session, edit_id)
     assert edit.status == "applied" and edit.metrics_after["gates"] == {}
+
+
+def test_a_dry_run_is_computed_alone_and_checked_but_never_served(parts, sessions):  # noqa: F811
+    editor = _editor(parts)
+    worker = Worker(editor, sessions, LocalQueue(), batch_size=4)  # the shipped probes: every record has gates
+    first, dry, second, third = submit_new(sessions, [new_edit(SUBJECTS[0]), new_edit(SUBJECTS[1], dry_run=True),
+                                                      new_edit(SUBJECTS[2]), new_edit(SUBJECTS[3])])
+    drain(worker)
+    with sessions() as session:
+        edits = {i: repo.get_edit(session, i) for i in (first, dry, second, third)}
+        checked = edits[dry]
+        assert checked.status == "checked" and checked.request["dry_run"] is True and checked.error is None
+        assert checked.model_version is None and repo.edit_factors(session, dry) == []
+        assert checked.metrics_before["prompt"] and checked.metrics_after["gates"] and checked.settings
+        assert checked.metrics_after["gates_s"] >= 0
+        event = repo.edit_events(session, dry)[-1]
+        assert event.event == "checked" and event.reason.startswith("dry run: a real edit would be applied")
+        # the batch ended before the dry run, which came alone; the two edits after it were batched together
+        batches = [edits[i].batch_id for i in (first, dry, second, third)]
+        assert len(set(batches)) == 3 and batches[2] == batches[3]
+        assert [edits[i].status for i in (first, second, third)] == ["applied"] * 3
+        assert [e.edit_id for e in repo.active_edits(session)] == [first, second, third]
+        assert editor.version == edits[third].seq and repo.head_digest(session) == editor.weights_digest()
+        assert repo.verify_chain(session) == 3  # a link per applied edit, none for the dry run
+        assert "dry_run" not in edits[first].request  # a real edit's stored request is as before
+
+
+def test_a_dry_run_measures_what_the_real_edit_gets_and_says_which_gate_it_would_fail(parts, sessions):  # noqa: F811
+    editor = _editor(parts)
+    worker = Worker(editor, sessions, LocalQueue(), batch_size=4, gates=Gates())
+    base = editor.weights_digest()
+    dry, real = submit_new(sessions, [new_edit(SUBJECTS[0], dry_run=True, gates=Gates(min_efficacy=1.01)),
+                                      new_edit(SUBJECTS[0])])
+    worker.process_next()
+    assert editor.weights_digest() == base and editor.version == 0  # nothing installed
+    drain(worker)
+    with sessions() as session:
+        checked, applied = repo.get_edit(session, dry), repo.get_edit(session, real)
+        assert checked.status == "checked" and applied.status == "applied", applied.error
+        gate = checked.metrics_after["gates"]["efficacy"]
+        assert gate["passed"] is False and gate["threshold"] == 1.01
+        reason = repo.edit_events(session, dry)[-1].reason
+        assert reason.startswith("dry run: a real edit would be rejected by the quality gate efficacy"), reason
+        # the same weights, computed alone both times: the dry run predicted the real edit
+        assert checked.metrics_before == applied.metrics_before
+        assert checked.metrics_after["prompt"] == applied.metrics_after["prompt"]
+        assert repo.status_counts(session)["rejected"] == 0
