@@ -202,14 +202,16 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
         raise SystemExit("KNOWPATCH_DATABASE_URL is required for the split deployment")
     _check_worker_exposure(settings)
     token = internal_token(settings)
-    backend, stop, thread = _start_worker(settings, _ledger(settings, migrate_first=False), _redis_queue(settings))
-    app = create_worker_app(backend, token=token, max_new_tokens_limit=settings.max_new_tokens_limit)
+    start = _BackgroundStart(settings, _ledger(settings, migrate_first=False), _redis_queue(settings))
+    app = create_worker_app(start.holder, token=token, max_new_tokens_limit=settings.max_new_tokens_limit)
+    log.info("knowpatch worker listening on %s:%d; the model loads behind it, /ready reports how far",
+             settings.worker_host, settings.worker_port)
+    start.start()
     try:
         uvicorn.run(app, host=settings.worker_host, port=settings.worker_port, log_level="info")
     finally:
-        stop.set()
-        thread.join(timeout=60)
-    return 0
+        start.stop()
+    return 1 if start.holder.failed is not None else 0
 
 
 def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:

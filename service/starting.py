@@ -2,7 +2,8 @@
 
 `StartingBackend` stands in for the real backend from the first request on: until `ready(backend)`
 is called it answers `info()` with ready=False and the start's progress (which /ready reports), and
-every model call with Unavailable (503). Afterwards it passes every call through.
+every model call with Unavailable (503). Afterwards it passes every call through. `knowpatch serve`
+puts it behind the API, `knowpatch worker` behind its internal server.
 """
 from __future__ import annotations
 
@@ -31,6 +32,14 @@ class StartingBackend:
         if self.failed is not None:
             return f"the start failed: {self.failed}"
         return f"starting: {self.progress.describe()}"
+
+    def not_ready(self) -> str | None:
+        """Why this process is not ready (the worker's /ready): the start's phase, or the loaded
+        backend's own reason (its edit loop stopped, stuck or retrying)."""
+        if self.backend is None:
+            return self._not_ready()
+        check = getattr(self.backend, "not_ready", None)
+        return check() if check is not None else None
 
     def _backend(self) -> InferenceBackend:
         if self.backend is None:

@@ -9,7 +9,7 @@ import hmac
 import json
 import logging
 from collections.abc import AsyncIterator
-from typing import Annotated
+from typing import Annotated, Protocol
 
 from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -17,10 +17,15 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from service import wire
 from service.errors import InvalidRequest, KnowpatchError, NotFound, Unauthorized
-from service.inference import BackendInfo, ExportFormat, GenerateResult, ScoreResult
-from workers.inference import LocalBackend
+from service.inference import BackendInfo, ExportFormat, GenerateResult, InferenceBackend, ScoreResult
 
 log = logging.getLogger(__name__)
+
+
+class WorkerBackend(InferenceBackend, Protocol):
+    """What the internal server serves: a LocalBackend, or the StartingBackend in front of one."""
+
+    def not_ready(self) -> str | None: ...
 
 
 def _error(exc: KnowpatchError) -> JSONResponse:
@@ -33,7 +38,7 @@ def _invalid(request: Request, exc: Exception) -> JSONResponse:
     return _error(InvalidRequest(f"invalid internal request: {detail or exc}"))
 
 
-def create_worker_app(backend: LocalBackend, *, token: str, max_new_tokens_limit: int) -> FastAPI:
+def create_worker_app(backend: WorkerBackend, *, token: str, max_new_tokens_limit: int) -> FastAPI:
     app = FastAPI(title="knowpatch worker (internal)", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_exception_handler(KnowpatchError, lambda request, exc: _error(exc))  # type: ignore[arg-type]
     app.add_exception_handler(RequestValidationError, _invalid)

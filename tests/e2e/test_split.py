@@ -43,8 +43,8 @@ class Split:
         env = self.env | ({"KNOWPATCH_FAULT_INJECTION": fault} if fault else {})
         self.worker = Process(["worker"], env, self.tmp_path / "worker.log")
         self.processes.append(self.worker)
-        if wait:
-            self.worker.start(f"http://127.0.0.1:{self.worker_port}/health")
+        if wait:  # it listens at once (/health) and is ready once the model is loaded and the ledger replayed
+            self.worker.start(f"http://127.0.0.1:{self.worker_port}/ready")
         return self.worker
 
     def start_api(self) -> Process:
@@ -62,6 +62,30 @@ def split(base_env, pg_url, redis_url, stream_name, tmp_path, processes) -> Spli
     env = base_env | {"KNOWPATCH_DATABASE_URL": pg_url, "KNOWPATCH_REDIS_URL": redis_url,
                       "KNOWPATCH_QUEUE_STREAM": stream_name, "KNOWPATCH_QUEUE_GROUP": f"{stream_name}-group"}
     return Split(env, tmp_path, processes, redis_url)
+
+
+def test_the_worker_listens_while_its_model_loads(split):
+    """The worker's /health answers at once; its /ready, and the API's, are 503 with the start's phase
+    until the model is loaded and the ledger replayed."""
+    worker = split.start_worker(wait=False)
+    worker.start(f"http://127.0.0.1:{split.worker_port}/health")
+    split.start_api()
+    seen: list[tuple[str, dict]] = []
+    with httpx.Client(timeout=30) as client:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            own = client.get(f"http://127.0.0.1:{split.worker_port}/ready")
+            if own.status_code == 200:
+                break
+            assert own.status_code == 503
+            seen.append((own.json()["message"], client.get(f"{split.api_url}/ready").json()))
+            time.sleep(0.2)
+        assert own.status_code == 200, worker.tail()
+        assert client.get(f"{split.api_url}/ready").status_code == 200
+    assert seen, "the worker's /ready was never 503: it only listened once loaded"
+    assert all(message.startswith("starting: ") for message, _ in seen), seen[:3]
+    phases = {api["progress"]["phase"] for _, api in seen if api.get("progress")}
+    assert phases, seen[:3]
 
 
 def test_split_round_trip(split):
