@@ -657,7 +657,10 @@ def run(args) -> dict:
             ok = True
         finally:
             services.stop_all()
-            shutil.rmtree(work, ignore_errors=True)
+            if ok and not args.keep:
+                shutil.rmtree(work, ignore_errors=True)
+            else:
+                print(f"kept {work} (logs in {logs})", file=sys.stderr)
         return results
     if args.generation_only:
         try:

@@ -29,7 +29,7 @@ from service.engine.projector import NullSpace, null_space
 from service.engine.scoring import Score, continuation_row, score_rows
 from service.engine.nullspace_cache import cached_null_spaces
 from service.engine.stats import cache_path, cached_second_moments
-from service.engine.templates import context_templates
+from service.engine.templates import cached_context_templates, context_templates
 from service.engine.trace import LayerTrace, Pending
 from service.engine.types import EditRequest, HyperParams, Method, RequestMetrics
 from service.errors import Conflict, EditFailed
@@ -129,8 +129,10 @@ class Editor:
             null_spaces = cached_null_spaces(moments, stats_paths, hparams.nullspace_threshold,
                                              hparams.nullspace_energy, adapter.head.weight.device, tracker.advance)
         tracker.phase("context templates")
-        return cls(loaded, hparams.with_overrides(layers=layers), moments, method, keep_factors=keep_factors,
-                   null_spaces=null_spaces)
+        templates = cached_context_templates(loaded.model, loaded.tokenizer, loaded.fingerprint, cache_dir,
+                                             hparams.context_seed, hparams.context_template_len)
+        return cls(loaded, hparams.with_overrides(layers=layers), moments, method, templates=templates,
+                   keep_factors=keep_factors, null_spaces=null_spaces)
 
     def _check_null_spaces(self) -> None:
         if self.method != "alphaedit":

@@ -1,10 +1,18 @@
 """Context templates (alphaedit.md §2): "{}" plus short seeded continuations of fixed openings."""
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from service.engine.prompts import CONTEXT_PREFIXES, encode
+
+log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
@@ -24,4 +32,39 @@ def context_templates(
             ids.append(int(top.indices[choice]))
         text = tokenizer.decode(ids, skip_special_tokens=True).replace("{", " ").replace("}", " ")
         templates.append(text + ". {}")
+    return templates
+
+
+def templates_path(cache_dir: Path, model_fingerprint: str, device: str, seed: int, length: int,
+                   top_k: int = 5) -> Path:
+    """Keyed by everything the sampling depends on: the weights (dtype included), the device type (a
+    kernel's rounding can change a sampled token), the seed, the length, top-k and the openings."""
+    key = json.dumps([device, seed, length, top_k, list(CONTEXT_PREFIXES)])
+    key = hashlib.sha256(key.encode()).hexdigest()[:16]
+    return cache_dir / "templates" / f"{model_fingerprint}-{key}.json"
+
+
+def cached_context_templates(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, model_fingerprint: str, cache_dir: Path,
+    seed: int = 0, length: int = 10,
+) -> list[str]:
+    """`context_templates`, read from the cache when an earlier start sampled them (a hundred forward
+    passes, seconds on a CPU, at every start otherwise). An unreadable file is sampled again."""
+    device = model.get_input_embeddings().weight.device.type
+    path = templates_path(cache_dir, model_fingerprint, device, seed, length)
+    try:
+        saved = json.loads(path.read_text())
+        if (isinstance(saved, list) and len(saved) == len(CONTEXT_PREFIXES) + 1 and saved[0] == "{}"
+                and all(isinstance(t, str) for t in saved)):
+            return saved
+        log.warning("context templates cache %s holds no templates; sampling them again", path)
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError) as exc:
+        log.warning("context templates cache %s unreadable (%s); sampling them again", path, exc)
+    templates = context_templates(model, tokenizer, seed, length)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(templates))
+    tmp.replace(path)
     return templates

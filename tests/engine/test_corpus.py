@@ -5,7 +5,7 @@ import itertools
 
 import torch
 
-from service.engine.corpus import SelfGeneratedCorpus, TextCorpus, packed_batches
+from service.engine.corpus import SelfGeneratedCorpus, TextCorpus, nucleus_sample, packed_batches
 from tests.conftest import small_text
 
 from .conftest import tiny_model
@@ -39,3 +39,20 @@ def test_text_corpus_fingerprint_follows_the_content(tmp_path):
     before = TextCorpus(path).fingerprint
     path.write_text("one two four")
     assert TextCorpus(path).fingerprint != before
+
+
+def test_nucleus_sampling_draws_from_the_nucleus_alone_in_proportion():
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 500, generator=generator) * torch.tensor([[6.0], [0.2]])
+    probs = logits.softmax(-1)
+    assert probs[0].topk(32).values.sum() >= 0.9 > probs[1].topk(32).values.sum()  # both paths are taken
+    draws = 6000
+    tokens = nucleus_sample(probs.repeat_interleave(draws, 0), 0.9, generator, candidates=32).view(2, draws)
+    for row in range(2):
+        ordered, index = probs[row].sort(descending=True)
+        inside = (ordered.cumsum(0) - ordered) < 0.9  # the smallest top set whose mass reaches 0.9
+        nucleus = dict(zip(index[inside].tolist(), (ordered[inside] / ordered[inside].sum()).tolist()))
+        assert set(tokens[row].tolist()) <= set(nucleus)
+        top, p = index[0].item(), nucleus[index[0].item()]
+        seen = (tokens[row] == top).float().mean().item()
+        assert abs(seen - p) < 5 * (p * (1 - p) / draws) ** 0.5 + 1e-3

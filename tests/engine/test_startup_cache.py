@@ -1,9 +1,12 @@
-"""The null-space eigendecompositions are cached beside the key statistics: a warm start loads them."""
+"""The null-space eigendecompositions are cached beside the key statistics, and the context templates
+beside them: a warm start loads both."""
 from __future__ import annotations
+
+import json
 
 import torch
 
-from service.engine import nullspace_cache
+from service.engine import nullspace_cache, templates
 from service.engine.corpus import TextCorpus
 from service.engine.editor import Editor
 from service.engine.types import HyperParams
@@ -45,4 +48,35 @@ def test_a_second_build_loads_the_null_spaces_bit_for_bit(smollm2, tmp_path, mon
                           progress=False)
     assert len(calls) == 4 and other.null_spaces[1].kept >= first.null_spaces[1].kept  # the threshold is in the key
     for editor in (first, second, other):
+        editor.close()
+
+
+def test_the_context_templates_are_sampled_once_and_read_back(smollm2, tmp_path, monkeypatch):
+    tiny = tiny_model("llama", smollm2.tokenizer)
+    calls: list[int] = []
+    real = templates.context_templates
+
+    def counting(model, tokenizer, seed, length):
+        calls.append(seed)
+        return real(model, tokenizer, seed, length)
+
+    monkeypatch.setattr(templates, "context_templates", counting)
+    built: list[Editor] = []
+
+    def build(hp: HyperParams = HP) -> Editor:
+        built.append(Editor.create(tiny, hp, TextCorpus(small_text()), tmp_path, progress=False))
+        return built[-1]
+
+    first = build()
+    assert calls == [HP.context_seed]
+    (path,) = (tmp_path / "templates").glob("*.json")
+    second = build()
+    assert calls == [HP.context_seed] and second.templates == first.templates
+    assert first.templates == real(tiny.model, tiny.tokenizer, HP.context_seed, HP.context_template_len)
+    path.write_text("{not json")  # a damaged cache is sampled again and rewritten
+    assert build().templates == first.templates and len(calls) == 2
+    assert json.loads(path.read_text()) == first.templates
+    build(HP.with_overrides(context_seed=HP.context_seed + 1))  # the seed is in the key
+    assert len(calls) == 3 and len(list((tmp_path / "templates").glob("*.json"))) == 2
+    for editor in built:
         editor.close()
