@@ -2,9 +2,10 @@
 
 Decoding one sequence is a chain of matrix-vector products: every step reads every weight once, so
 tokens/s can be no higher than (memory read bandwidth) / (bytes of the weights). This measures both
-terms on this machine and compares the bound with a bare greedy KV-cached loop over the loaded model
-(no server, no sampling code) and with the service's one-sequence path. Prints a table; the last line
-is one JSON object.
+terms on this machine, then the model's own matrix-vector products alone (every linear layer's weight
+times one row, as one decoding step runs them, nothing else), and compares them with a bare greedy
+KV-cached loop over the loaded model (no server, no sampling code) and with the service's one-sequence
+path. Prints a table; the last line is one JSON object.
 
     .venv/bin/python bench/decode_bound.py [--repeats 5] [--threads N]
 
@@ -54,6 +55,21 @@ def weight_bytes(model: torch.nn.Module) -> int:
 
 
 @torch.inference_mode()
+def matvec_s(model: torch.nn.Module, repeats: int) -> float:
+    """Seconds for one row through every linear layer's weight in turn (median of `repeats`): the
+    weight-reading part of a decoding step, at the rate the BLAS matrix-vector kernel streams memory."""
+    weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    rows = {w.shape[1]: torch.randn(1, w.shape[1], dtype=w.dtype, device=w.device) for w in weights}
+    times = []
+    for _ in range(repeats + 1):
+        started = time.perf_counter()
+        for w in weights:
+            torch.nn.functional.linear(rows[w.shape[1]], w)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times[1:])
+
+
+@torch.inference_mode()
 def bare_decode_s(model: torch.nn.Module, input_ids: torch.Tensor, steps: int) -> float:
     """Seconds per decoding step of a greedy KV-cached loop, prefill excluded."""
     out = model(input_ids=input_ids, use_cache=True)
@@ -79,6 +95,7 @@ def main() -> None:
     model, tokenizer = loaded.model, loaded.tokenizer
     nbytes = weight_bytes(model)
     bound = bandwidth / nbytes
+    matvec = matvec_s(model, args.repeats)
     ids = tokenizer(PROMPTS[0], return_tensors="pt")["input_ids"].to(model.device)
     bare_decode_s(model, ids, 4)  # warm-up
     bare = statistics.median(bare_decode_s(model, ids, MAX_NEW_TOKENS) for _ in range(args.repeats))
@@ -91,7 +108,8 @@ def main() -> None:
     load.append(os.getloadavg()[0])
     figures = {
         "read_gb_per_s": round(bandwidth / 1e9, 2), "weight_mb": round(nbytes / 1e6, 1),
-        "bound_tokens_per_s": round(bound, 1), "bare_decode_tokens_per_s": round(1 / bare, 1),
+        "bound_tokens_per_s": round(bound, 1), "matvec_tokens_per_s": round(1 / matvec, 1),
+        "matvec_gb_per_s": round(nbytes / matvec / 1e9, 2), "bare_decode_tokens_per_s": round(1 / bare, 1),
         "bare_over_bound": round(1 / bare / bound, 2),
         "service_path_tokens_per_s": round(statistics.median(service), 1),
         "torch_threads": torch.get_num_threads(), "load1_min": round(min(load), 2), "load1_max": round(max(load), 2),
@@ -100,7 +118,10 @@ def main() -> None:
     print(f"streaming read bandwidth        {bandwidth / 1e9:8.2f} GB/s (sum over {args.buffer_mb} MB float32)")
     print(f"weights read per decoding step  {nbytes / 1e6:8.1f} MB ({model.dtype})")
     print(f"bound: bandwidth / weights      {bound:8.1f} tokens/s")
-    print(f"bare greedy KV-cached loop      {1 / bare:8.1f} tokens/s ({1 / bare / bound:.0%} of the bound)")
+    print(f"matrix-vector products alone    {1 / matvec:8.1f} tokens/s ({nbytes / matvec / 1e9:.1f} GB/s: "
+          f"{matvec * 1e3:.0f} ms per step in the BLAS kernel)")
+    print(f"bare greedy KV-cached loop      {1 / bare:8.1f} tokens/s ({1 / bare / bound:.0%} of the bound, "
+          f"{matvec / bare:.0%} of it in the matrix-vector products)")
     print(f"service one-sequence path       {statistics.median(service):8.1f} tokens/s "
           f"({MAX_NEW_TOKENS} tokens, prefill and detokenising included)")
     print(json.dumps(figures))
