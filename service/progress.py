@@ -21,11 +21,17 @@ class Phase:
     unit: str
     started: float  # time.monotonic()
     done: float = 0.0
+    first_done: float | None = None  # time.monotonic() of the first advance
 
-    def eta_s(self, now: float) -> float | None:
-        """The rest of the phase at the rate so far; None until something is done or without a total."""
+    def eta_s(self, now: float, settle_s: float = 0.0) -> float | None:
+        """The rest of the phase at the rate so far; None until something is done, without a total, or
+        within `settle_s` of the first advance: work that arrives in bursts (the self corpus generates
+        ~12k tokens, then the statistics pass takes them 2k at a time within seconds) would otherwise
+        be timed by the burst's first slice alone, several times too slow."""
         elapsed = now - self.started
         if self.total is None or self.done <= 0 or elapsed <= 0:
+            return None
+        if self.first_done is None or now - self.first_done < settle_s:
             return None
         return max(self.total - self.done, 0.0) * elapsed / self.done
 
@@ -33,8 +39,9 @@ class Phase:
 class Progress:
     """Phases run one after another; `advance` logs a line at most every `log_interval_s` seconds."""
 
-    def __init__(self, log_interval_s: float = 10.0) -> None:
+    def __init__(self, log_interval_s: float = 10.0, settle_s: float = 3.0) -> None:
         self.log_interval_s = log_interval_s
+        self.settle_s = settle_s  # see Phase.eta_s
         self._lock = threading.Lock()
         self._phase: Phase | None = None
         self._last_log = 0.0
@@ -52,7 +59,11 @@ class Progress:
             if self._phase is None:
                 return
             self._phase.done += amount
-            due = now - self._last_log >= self.log_interval_s
+            if self._phase.first_done is None:
+                self._phase.first_done = now
+            # the first line of a phase waits until its ETA is settled, later ones every log_interval_s
+            due = (now - self._last_log >= self.log_interval_s
+                   and now - self._phase.first_done >= self.settle_s)
             if due:
                 self._last_log = now
         if due:
@@ -65,7 +76,7 @@ class Progress:
             phase = self._phase
             if phase is None:
                 return {}
-            eta = phase.eta_s(now)
+            eta = phase.eta_s(now, self.settle_s)
             return {"phase": phase.name, "done": phase.done, "total": phase.total, "unit": phase.unit,
                     "elapsed_s": round(now - phase.started, 1), "eta_s": None if eta is None else round(eta, 1),
                     "start_elapsed_s": round(now - self.started, 1)}
