@@ -26,11 +26,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
+from transformers import DynamicCache  # noqa: E402
 
 from bench.service_load import MAX_NEW_TOKENS, PROMPTS  # noqa: E402
 from service.bootstrap import load_from  # noqa: E402
 from service.config import Settings  # noqa: E402
 from service.inference import GenerateParams  # noqa: E402
+from service.model.adapters import cache_keyword  # noqa: E402
 from workers.generation import generate_text  # noqa: E402
 
 
@@ -72,12 +74,13 @@ def matvec_s(model: torch.nn.Module, repeats: int) -> float:
 @torch.inference_mode()
 def bare_decode_s(model: torch.nn.Module, input_ids: torch.Tensor, steps: int) -> float:
     """Seconds per decoding step of a greedy KV-cached loop, prefill excluded."""
-    out = model(input_ids=input_ids, use_cache=True)
-    cache, token = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+    cache = {cache_keyword(model): DynamicCache(config=model.config)}  # filled in place
+    out = model(input_ids=input_ids, use_cache=True, **cache)
+    token = out.logits[:, -1].argmax(-1, keepdim=True)
     started = time.perf_counter()
     for _ in range(steps):
-        out = model(input_ids=token, past_key_values=cache, use_cache=True)
-        cache, token = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+        out = model(input_ids=token, use_cache=True, **cache)
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
     return (time.perf_counter() - started) / steps
 
 
@@ -96,6 +99,10 @@ def main() -> None:
     nbytes = weight_bytes(model)
     bound = bandwidth / nbytes
     matvec = matvec_s(model, args.repeats)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # does the kernel use the other cores at all?
+    matvec_one_thread = matvec_s(model, args.repeats)
+    torch.set_num_threads(threads)
     ids = tokenizer(PROMPTS[0], return_tensors="pt")["input_ids"].to(model.device)
     bare_decode_s(model, ids, 4)  # warm-up
     bare = statistics.median(bare_decode_s(model, ids, MAX_NEW_TOKENS) for _ in range(args.repeats))
@@ -109,7 +116,8 @@ def main() -> None:
     figures = {
         "read_gb_per_s": round(bandwidth / 1e9, 2), "weight_mb": round(nbytes / 1e6, 1),
         "bound_tokens_per_s": round(bound, 1), "matvec_tokens_per_s": round(1 / matvec, 1),
-        "matvec_gb_per_s": round(nbytes / matvec / 1e9, 2), "bare_decode_tokens_per_s": round(1 / bare, 1),
+        "matvec_gb_per_s": round(nbytes / matvec / 1e9, 2), "matvec_tokens_per_s_1_thread": round(1 / matvec_one_thread, 1),
+        "bare_decode_tokens_per_s": round(1 / bare, 1),
         "bare_over_bound": round(1 / bare / bound, 2),
         "service_path_tokens_per_s": round(statistics.median(service), 1),
         "torch_threads": torch.get_num_threads(), "load1_min": round(min(load), 2), "load1_max": round(max(load), 2),
@@ -120,6 +128,7 @@ def main() -> None:
     print(f"bound: bandwidth / weights      {bound:8.1f} tokens/s")
     print(f"matrix-vector products alone    {1 / matvec:8.1f} tokens/s ({nbytes / matvec / 1e9:.1f} GB/s: "
           f"{matvec * 1e3:.0f} ms per step in the BLAS kernel)")
+    print(f"  the same on one thread          {1 / matvec_one_thread:8.1f} tokens/s")
     print(f"bare greedy KV-cached loop      {1 / bare:8.1f} tokens/s ({1 / bare / bound:.0%} of the bound, "
           f"{matvec / bare:.0%} of it in the matrix-vector products)")
     print(f"service one-sequence path       {statistics.median(service):8.1f} tokens/s "

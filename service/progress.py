@@ -29,11 +29,12 @@ class Phase:
         ~12k tokens, then the statistics pass takes them 2k at a time within seconds) would otherwise
         be timed by the burst's first slice alone, several times too slow."""
         elapsed = now - self.started
-        if self.total is None or self.done <= 0 or elapsed <= 0:
-            return None
-        if self.first_done is None or now - self.first_done < settle_s:
+        if self.total is None or self.done <= 0 or elapsed <= 0 or not self.settled(now, settle_s):
             return None
         return max(self.total - self.done, 0.0) * elapsed / self.done
+
+    def settled(self, now: float, settle_s: float) -> bool:
+        return self.first_done is not None and now - self.first_done >= settle_s
 
 
 class Progress:
@@ -62,8 +63,7 @@ class Progress:
             if self._phase.first_done is None:
                 self._phase.first_done = now
             # the first line of a phase waits until its ETA is settled, later ones every log_interval_s
-            due = (now - self._last_log >= self.log_interval_s
-                   and now - self._phase.first_done >= self.settle_s)
+            due = now - self._last_log >= self.log_interval_s and self._phase.settled(now, self.settle_s)
             if due:
                 self._last_log = now
         if due:

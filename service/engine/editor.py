@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -28,7 +27,7 @@ from service.engine.keys import key_rows, keys_and_outputs
 from service.engine.projector import NullSpace, null_space
 from service.engine.scoring import Score, continuation_row, score_rows
 from service.engine.nullspace_cache import cached_null_spaces
-from service.engine.stats import cache_path, cached_second_moments
+from service.engine.stats import cache_path, cached_second_moments, save_atomic
 from service.engine.templates import cached_context_templates, context_templates
 from service.engine.trace import LayerTrace, Pending
 from service.engine.types import EditRequest, HyperParams, Method, RequestMetrics
@@ -276,11 +275,7 @@ class Editor:
 
     def save_snapshot(self, path: Path, seq: int, chain_hash: str) -> None:
         """The store's sums at ledger `seq` (whose chain hash is `chain_hash`), written atomically."""
-        state = {"identity": self.identity, "seq": seq, "hash": chain_hash, **self.store.state()}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        torch.save(state, tmp)
-        tmp.replace(path)
+        save_atomic({"identity": self.identity, "seq": seq, "hash": chain_hash, **self.store.state()}, path)
 
     def restore_snapshot(self, path: Path, accept: Callable[[int, str], bool]) -> int | None:
         """Load a snapshot into this (empty) editor's store and return the seq it was taken at; None

@@ -4,13 +4,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
+import pickle
 from pathlib import Path
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from service.engine.prompts import CONTEXT_PREFIXES, encode
+from service.engine.stats import save_atomic
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ def templates_path(cache_dir: Path, model_fingerprint: str, device: str, seed: i
     kernel's rounding can change a sampled token), the seed, the length, top-k and the openings."""
     key = json.dumps([device, seed, length, top_k, list(CONTEXT_PREFIXES)])
     key = hashlib.sha256(key.encode()).hexdigest()[:16]
-    return cache_dir / "templates" / f"{model_fingerprint}-{key}.json"
+    return cache_dir / "templates" / f"{model_fingerprint}-{key}.pt"
 
 
 def cached_context_templates(
@@ -53,18 +54,15 @@ def cached_context_templates(
     device = model.get_input_embeddings().weight.device.type
     path = templates_path(cache_dir, model_fingerprint, device, seed, length)
     try:
-        saved = json.loads(path.read_text())
+        saved = torch.load(path, weights_only=True)
         if (isinstance(saved, list) and len(saved) == len(CONTEXT_PREFIXES) + 1 and saved[0] == "{}"
                 and all(isinstance(t, str) for t in saved)):
             return saved
         log.warning("context templates cache %s holds no templates; sampling them again", path)
     except FileNotFoundError:
         pass
-    except (OSError, ValueError) as exc:
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
         log.warning("context templates cache %s unreadable (%s); sampling them again", path, exc)
     templates = context_templates(model, tokenizer, seed, length)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(templates))
-    tmp.replace(path)
+    save_atomic(templates, path)
     return templates

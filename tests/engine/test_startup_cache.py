@@ -2,8 +2,6 @@
 beside them: a warm start loads both."""
 from __future__ import annotations
 
-import json
-
 import torch
 
 from service.engine import nullspace_cache, templates
@@ -69,14 +67,14 @@ def test_the_context_templates_are_sampled_once_and_read_back(smollm2, tmp_path,
 
     first = build()
     assert calls == [HP.context_seed]
-    (path,) = (tmp_path / "templates").glob("*.json")
+    (path,) = (tmp_path / "templates").glob("*.pt")
     second = build()
     assert calls == [HP.context_seed] and second.templates == first.templates
     assert first.templates == real(tiny.model, tiny.tokenizer, HP.context_seed, HP.context_template_len)
-    path.write_text("{not json")  # a damaged cache is sampled again and rewritten
+    path.write_bytes(b"{not a torch file")  # a damaged cache is sampled again and rewritten
     assert build().templates == first.templates and len(calls) == 2
-    assert json.loads(path.read_text()) == first.templates
+    assert torch.load(path, weights_only=True) == first.templates
     build(HP.with_overrides(context_seed=HP.context_seed + 1))  # the seed is in the key
-    assert len(calls) == 3 and len(list((tmp_path / "templates").glob("*.json"))) == 2
+    assert len(calls) == 3 and len(list((tmp_path / "templates").glob("*.pt"))) == 2
     for editor in built:
         editor.close()
